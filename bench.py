@@ -31,7 +31,7 @@ models stop at random lengths; this makes "the same work" exact); `--natural-eos
 Both sides: same model files, prompts, G, prompts per step, max new tokens, temperature 1.0, beta (KL
 coefficient, so TRL also runs its reference model), lr, weight decay 0, grad clip 1.0, thread count,
 no gradient checkpointing on CPU (TRL's default is on; off is the faster choice for TRL on a tiny model).
-TRL gets a constant reward (as ../shared/bench/trl_grpo_baseline.py); ours runs the project's real reward
+TRL gets a constant reward; ours runs the project's real reward
 (its cost is the "scoring" row, counted against us). TRL's steps are timed by a Trainer callback
 (step begin -> end) and our steps run inside that callback between TRL steps, so both see the same noise.
 """
@@ -40,23 +40,17 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import random
 import resource
 import statistics
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
-# OpenMP's default spin-waiting is fastest on an idle machine (tiny-vlm step 0.23 s vs 0.41 s with
-# OMP_WAIT_POLICY=PASSIVE); on a machine shared with another busy process, spinning threads stall ~40x
-# (200 ms vs 5 ms per tiny decode step) and PASSIVE is the cure. Left to the environment: set it there.
-import torch  # noqa: E402
+import torch
 
-HERE = Path(__file__).resolve().parent
-TRL_BASELINE = HERE.parent / "shared" / "bench" / "trl_grpo_baseline.py"  # the shared TRL reference script
+import cli
 
 # Qwen2.5-VL published config values (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
@@ -102,11 +96,11 @@ GPU_DEFAULTS = {"h100": (3350.0, 989.0), "h200": (4800.0, 989.0)}  # HBM GB/s, d
 
 def bench_samples(n: int, with_images: bool, image_dir: Path, seed: int = 0):
     """n questions (mixed types) about one seeded synthetic city; its map rendered when `with_images`."""
-    import data
     from maps import generate_city, render_map
+    from synthetic import make_questions
 
     city = generate_city(zlib.crc32(f"bench:{seed}".encode()), "easy")
-    questions = data.make_questions(city.metro, random.Random(seed), 2, city=city.slug)
+    questions = make_questions(city.metro, random.Random(seed), 2, city=city.slug)
     picked = [questions[i * len(questions) // n] for i in range(n)]  # spread over the question types
     image = None
     if with_images:
@@ -240,8 +234,6 @@ def run_trl(ours: OurRunner, args, steps: int, between) -> dict:
     w, tok = ours.w, ours.policy.tokenizer
     prompts = [f"{M.metro_as_text(s.metro)}\n\n{s.question}" if s.metro else s.question
                for s in ours.samples]  # what encode_prompts builds
-    with open(tmp / "prompts.jsonl", "w") as f:  # also usable with ../shared/bench/trl_grpo_baseline.py
-        f.writelines(json.dumps({"prompt": p}) + "\n" for p in prompts)
     ds = Dataset.from_dict({"prompt": [[{"role": "user", "content": p}] for p in prompts]})
     times, lengths = [], []
 
@@ -372,6 +364,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--hbm-gbps", type=float, default=None, help="HBM bandwidth (default: H100 3350, H200 4800)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default 989)")
     ap.add_argument("--count-params", action="store_true", help="shape workloads: count on the meta device, exit")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
 
     w = WORKLOADS[args.workload]
@@ -380,7 +373,7 @@ def main(argv=None) -> dict:
                                                            micro_batch_size=args.micro_batch_size).items() if v})
     if args.count_params:
         if w.kind != "shape":
-            sys.exit("--count-params is for the *-shape workloads")
+            raise ValueError("--count-params is for the *-shape workloads")
         c = count_shape_params(w.arch)
         print(json.dumps({"workload": w.name, **c}))
         return c
@@ -388,7 +381,7 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if w.kind == "shape" and device.type != "cuda":
-        sys.exit(f"{w.name} needs a CUDA GPU (try --count-params)")
+        raise ValueError(f"--workload {w.name} needs a CUDA GPU (try --count-params)")
     torch.manual_seed(args.seed)
     ours = OurRunner(w, args, device)
     for _ in range(args.warmup):
@@ -398,7 +391,7 @@ def main(argv=None) -> dict:
     trl = None
     if args.vs_trl:
         if w.kind != "text":
-            sys.exit("--vs-trl runs the text-only workload (TRL's VLM path needs torchvision)")
+            raise ValueError("--vs-trl runs the text-only workloads (TRL's VLM path needs torchvision)")
         peak_mb = peak_memory_mb(device)  # ours, before TRL is loaded into this process
         trl = run_trl(ours, args, args.steps, lambda: ours.step())
     else:
@@ -410,4 +403,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

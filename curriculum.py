@@ -1,4 +1,4 @@
-"""The multi-stage curriculum (SPEC §5): global order by question type, local randomness inside a stage.
+"""The multi-stage curriculum (docs/rewardmap.md §5): global order by question type, local randomness inside a stage.
 
 fine (RewardMap, the default):
     1. judgement  torf1 + torf2, shuffled together
@@ -67,6 +67,11 @@ def build_curriculum(samples: Sequence[T], variant: str = "fine", seed: int = 0)
         stages.append((name, ordered))
     assert [n for n, _ in stages] == names
     return stages
+
+
+def stage_qtypes(variant: str, stage: str) -> set[str]:
+    """The question types a stage of a curriculum variant trains on."""
+    return {q for name, groups in STAGES[variant] if name == stage for group in groups for q in group}
 
 
 def group_of(variant: str, stage: str):

@@ -1,17 +1,14 @@
-"""The transit-map world: sample schema, metro data, route finding, questions, datasets (SPEC §2).
+"""The released dataset layouts, both ways, and the one loader that train.py and eval.py share.
 
-Metro data is a dict `line name -> ordered list of station names`, with the released files' suffixes
-(` (Transfer Station)`, ` (Branch-starting Station)`, `（换乘站）`, `（支线起始站）`) stripped.
-A station that appears on several lines is an interchange; a loop line repeats its first station last.
-
-    samples = synthetic_dataset(30, seed=0, out_dir="data_out")   # maps under data_out/maps/
-    export_dataset(samples, "data_out")                           # train.jsonl / test.jsonl / metro/
-    train = load_samples("data_out", "train")                     # ours or the released layouts
+- `export_dataset` writes samples in the released datasets' field names (docs/rewardmap.md §2.3):
+  `train.jsonl` / `test.jsonl`, `maps/`, `metro/`.
+- `load_samples` reads our export and the released layouts (JSON / JSONL, parquet, HuggingFace
+  `save_to_disk`; figures as paths or base64; metro data as a path or inline); a bad row raises an error
+  naming the file, the row and the field.
+- `load_data` gives (train, test): the `--data` folders, or the synthetic world generated once into a cache.
 
     python data.py --out data_out --cities 30 --seed 0    # export the synthetic dataset
     python data.py --preview                              # 3 maps + example questions in preview/
-
-The city generator and the map renderer live in maps.py (re-exported here).
 """
 from __future__ import annotations
 
@@ -19,463 +16,26 @@ import argparse
 import base64
 import binascii
 import hashlib
-import heapq
 import json
 import os
-import random
 import re
 import shutil
 import tempfile
 import time
-import zlib
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
+import cli
+from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TYPE_NAMES, Metro, Sample, Segment,
+                   best_route, clean_metro, load_metro, question_difficulty, route_text, station_lines, strip_suffix,
+                   via_stops)
+from synthetic import synthetic_dataset
 
-from maps import City, generate_city, generate_metro, render_map  # noqa: F401  (re-exported)
-
-QTYPES = ("torf1", "torf2", "counting1", "counting2", "counting3", "planning")
-MAP_DIFFICULTIES = ("easy", "middle", "hard")
-QUESTION_DIFFICULTIES = ("easy", "medium", "hard")
-
-Metro = dict[str, list[str]]
-Segment = tuple[str, str, str]  # (line, departure station, arrival station)
-
-
-@dataclass
-class Sample:
-    """One question about one map. Field names follow the paper; the loaders map the released names."""
-
-    id: str
-    qtype: str  # one of QTYPES
-    question: str  # the prompt text (planning: the short template)
-    answer: str  # "yes"/"no", "A"-"D", an integer as text, or (planning) the reference route as text
-    image: str | None  # path to the map PNG; None for text-only use
-    metro: Metro  # line -> ordered, suffix-free station names
-    city: str = ""
-    country: str = ""
-    map_difficulty: str = "easy"  # easy | middle | hard (the released `difficulty_city`)
-    station_1: str | None = None
-    station_2: str | None = None
-    line: str | None = None  # torf2: the line asked about
-    choices: list[int] | None = None  # counting1: the four options A-D; `answer` is the letter
-    question_difficulty: str | None = None  # planning: easy | medium | hard (0 / 1 / >=2 transfers)
-    transfer_count: int | None = None  # planning: transfers of the optimal route
-    route: list[Segment] | None = None  # planning: the optimal route
-    question_long: str | None = None  # planning: the long template (with via stops)
-    routes: list[list[Segment]] | None = None  # planning: reference plans for the map score
-    extra: dict = field(default_factory=dict)  # anything else a loader found, kept not dropped
-    split: str = ""  # "train" | "test" (split by city), "" when unknown
-
-
-_SUFFIX = re.compile(r"\s*(\((Transfer Station|Branch-starting Station)\)|（(换乘站|支线起始站)）)\s*$")
-
-
-def strip_suffix(name: str) -> str:
-    """Remove the released files' interchange / branch markers (possibly several) from a station name."""
-    name = name.strip()
-    while True:
-        stripped = _SUFFIX.sub("", name)
-        if stripped == name:
-            return name
-        name = stripped.strip()
-
-
-def clean_metro(raw: dict) -> Metro:
-    """Validate a raw `{line: [station, ...]}` mapping and strip suffixes from every station."""
-    if not isinstance(raw, dict) or not raw:
-        raise ValueError(f"metro data must be a non-empty dict of line -> station list, got {type(raw).__name__}")
-    metro: Metro = {}
-    for line, stations in raw.items():
-        if not isinstance(stations, list) or not all(isinstance(s, str) for s in stations):
-            raise ValueError(f"metro line {line!r}: expected a list of station names")
-        metro[str(line).strip()] = [strip_suffix(s) for s in stations]
-    return metro
-
-
-def load_metro(path: str | Path) -> Metro:
-    """Read a metro JSON file (ours or ReasonMap's) into suffix-free metro data."""
-    path = Path(path)
-    with open(path, encoding="utf-8") as f:
-        raw = json.load(f)
-    try:
-        return clean_metro(raw)
-    except ValueError as e:
-        raise ValueError(f"{path}: {e}") from None
-
-
-def lines_through(metro: Metro, station: str) -> list[str]:
-    """Lines (in metro order) that stop at `station`."""
-    return [line for line, stations in metro.items() if station in stations]
-
-
-def via_stops(metro: Metro, line: str, departure: str, arrival: str) -> list[str] | None:
-    """Stations strictly between `departure` and `arrival` on `line`, along the shorter way.
-
-    None when the line does not exist or does not hold both stations. A loop line (first == last
-    station, like Shanghai Line 4) can be ridden either way round: the shorter way is taken, the
-    listed direction on a tie. A line listing a station twice is handled by taking the closest pair
-    of positions.
-    """
-    stations = metro.get(line)
-    if stations is None:
-        return None
-    if len(stations) > 2 and stations[0] == stations[-1] and departure in stations and arrival in stations:
-        ring = stations[:-1]
-        n, i, j = len(ring), ring.index(departure), ring.index(arrival)
-        ahead, behind = (j - i) % n, (i - j) % n
-        if ahead <= behind:
-            return [ring[(i + k) % n] for k in range(1, ahead)]
-        return [ring[(i - k) % n] for k in range(1, behind)]
-    a = [i for i, s in enumerate(stations) if s == departure]
-    b = [i for i, s in enumerate(stations) if s == arrival]
-    if not a or not b:
-        return None
-    i, j = min(((i, j) for i in a for j in b), key=lambda p: (abs(p[0] - p[1]), p))
-    inner = stations[i + 1 : j] if i <= j else stations[j + 1 : i][::-1]
-    return inner
-
-
-def station_lines(metro: Metro) -> dict[str, list[str]]:
-    """station -> the lines (in metro order) that stop there."""
-    out: dict[str, list[str]] = {}
-    for line, stations in metro.items():
-        for s in stations:
-            if line not in out.setdefault(s, []):
-                out[s].append(line)
-    return out
-
-
-def _neighbours(metro: Metro) -> dict[tuple[str, str], list[str]]:
-    """(station, line) -> adjacent stations on that line."""
-    adj: dict[tuple[str, str], list[str]] = {}
-    for line, stations in metro.items():
-        for a, b in zip(stations, stations[1:]):
-            if a == b:
-                continue
-            adj.setdefault((a, line), []).append(b)
-            adj.setdefault((b, line), []).append(a)
-    return adj
-
-
-def best_route(metro: Metro, stop1: str, stop2: str) -> list[Segment] | None:
-    """The optimal route from stop1 to stop2: fewest transfers, then fewest stops travelled.
-
-    Dijkstra over (station, line) states with the lexicographic cost (transfers, stops). Returns the
-    route as segments `(line, departure, arrival)` (transfers = len(route) - 1), `[]` when the two
-    stops are the same station, and None when either stop is unknown or no route exists. Ties are
-    broken deterministically by the order of lines in `metro`.
-    """
-    lines_at = station_lines(metro)
-    if stop1 == stop2:
-        return [] if stop1 in lines_at else None
-    adj = _neighbours(metro)
-    line_order = {line: k for k, line in enumerate(metro)}
-    start = lines_at.get(stop1)
-    if not start or stop2 not in lines_at:
-        return None
-    # heap entries: (transfers, stops, line order, station, line)
-    heap = [(0, 0, line_order[line], stop1, line) for line in start]
-    heapq.heapify(heap)
-    best: dict[tuple[str, str], tuple[int, int]] = {(stop1, line): (0, 0) for line in start}
-    parent: dict[tuple[str, str], tuple[str, str] | None] = {(stop1, line): None for line in start}
-    done: set[tuple[str, str]] = set()
-    goal = None
-    while heap:
-        transfers, stops, _, station, line = heapq.heappop(heap)
-        state = (station, line)
-        if state in done:
-            continue
-        done.add(state)
-        if station == stop2:
-            goal = state
-            break
-        moves = [((nxt, line), (transfers, stops + 1)) for nxt in adj.get(state, [])]
-        moves += [((station, other), (transfers + 1, stops)) for other in lines_at[station] if other != line]
-        for nstate, cost in moves:
-            if nstate not in best or cost < best[nstate]:
-                best[nstate] = cost
-                parent[nstate] = state
-                heapq.heappush(heap, (*cost, line_order[nstate[1]], *nstate))
-    if goal is None:
-        return None
-    path = []
-    state: tuple[str, str] | None = goal
-    while state is not None:
-        path.append(state)
-        state = parent[state]
-    path.reverse()
-    route: list[Segment] = []
-    seg_start = path[0]
-    for prev, cur in zip(path, path[1:]):
-        if cur[1] != prev[1]:  # a transfer at prev's station
-            if prev[0] != seg_start[0]:
-                route.append((prev[1], seg_start[0], prev[0]))
-            seg_start = cur
-    route.append((path[-1][1], seg_start[0], path[-1][0]))
-    return route
-
-
-def route_text(route: list[Segment], via: Metro | None = None) -> str:
-    """A route in the ReasonMap answer format (segments separated by `--`).
-
-    With `via` (the metro data), each segment also lists `Number of Via Stops` (the long template).
-    """
-    blocks = []
-    for line, dep, arr in route:
-        block = f"Route Name: {line}\nDeparture Stop: {dep}\nArrival Stop: {arr}"
-        if via is not None:
-            inner = via_stops(via, line, dep, arr)
-            block += f"\nNumber of Via Stops: {len(inner) if inner is not None else 0}"
-        blocks.append(block)
-    return "\n--\n".join(blocks)
-
-
-def question_difficulty(transfers: int) -> str:
-    """ReasonMap's question difficulty from the optimal route's transfers: 0 / 1 / >= 2 -> easy / medium / hard."""
-    return QUESTION_DIFFICULTIES[min(transfers, 2)]
-
+SYNTHETIC_CITIES = 60  # the default run's synthetic world: one pass over it is ~190 GRPO steps per Plus stage
+CACHE_DIR = ".cache"  # where the synthetic dataset and the tiny model are generated once and reused
 
 # ---------------------------------------------------------------------------------------------------
-# question templates (SPEC §2.2, verbatim; the answer goes in \boxed{})
-
-TEMPLATES = {
-    "counting1": 'Please solve the multiple choice problem and put your answer (one of ABCD) in one "\\boxed{}". '
-    "According to the subway map, how many intermediate stops are there between {stop1} and {stop2} "
-    "(except for this two stops)? \nA) {a} \nB) {b} \nC) {c} \nD) {d} \n",
-    "counting2": 'Please solve the problem and put your answer in one "\\boxed{}". '
-    "According to the subway map, how many lines pass through {stop1}?",
-    "counting3": 'Please solve the problem and put your answer in one "\\boxed{}". '
-    "According to the subway map, how many subway (metro) lines are there in total?",
-    "torf1": 'Please solve the problem and put your answer (only answer yes or no) in one "\\boxed{}". '
-    "According to the subway map, is it true that {stop1} is the same line as {stop2}?",
-    "torf2": 'Please solve the problem and put your answer (only answer yes or no) in one "\\boxed{}". '
-    "According to the subway map, is it true that {stop1} is on the line {line}?",
-}
-_SEGMENT = "Route Name: Line x\nDeparture Stop: xx Station\nArrival Stop: xx Station"
-_SEGMENT_LONG = _SEGMENT + "\nNumber of Via Stops: x"
-PLANNING_SHORT = (
-    "According to the subway map, how do I get from {stop1} to {stop2}? Provide only one optimal route, with only "
-    "the line name and the departure and arrival stations. The format should be strictly followed:\n"
-    + f"{_SEGMENT}\n--\n{_SEGMENT}"
-)
-# Long template 1: the same question, each segment also giving its number of via stops.
-PLANNING_LONG = (
-    "According to the subway map, how do I get from {stop1} to {stop2}? Provide only one optimal route, with the "
-    "line name, the departure and arrival stations, and the number of via stops. The format should be strictly "
-    "followed:\n" + f"{_SEGMENT_LONG}\n--\n{_SEGMENT_LONG}"
-)
-LETTERS = "ABCD"
-
-
-def fill(template: str, **values) -> str:
-    """Put values into a template's `{name}` slots (str.format would choke on the literal `\\boxed{}`)."""
-    for key, value in values.items():
-        template = template.replace("{" + key + "}", str(value))
-    return template
-# the released datasets' spelling of each qtype (the `type` field)
-TYPE_NAMES = {"torf1": "TorF1", "torf2": "TorF2", "counting1": "Counting1", "counting2": "Counting2",
-              "counting3": "Counting3", "planning": "planning"}
-
-
-# ---------------------------------------------------------------------------------------------------
-# question generation from metro data. Each generator returns dicts of qtype-specific Sample fields.
-
-
-def _balanced(rng: random.Random, yes: list, no: list, n: int) -> list[tuple[object, str]]:
-    """n items, half with answer yes and half no (the odd one by a coin flip); fewer if a side runs short."""
-    n_yes = n // 2 + (n % 2 and rng.random() < 0.5)
-    if len(yes) < n_yes or len(no) < n - n_yes:  # keep the balance rather than the count
-        n_yes = min(len(yes), len(no), n // 2)
-        n = 2 * n_yes
-    items = [(x, "yes") for x in rng.sample(yes, n_yes)] + [(x, "no") for x in rng.sample(no, n - n_yes)]
-    rng.shuffle(items)
-    return items
-
-
-def _torf1(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    lines_at = station_lines(metro)
-    stations = sorted(lines_at)
-    yes, no = [], []
-    for i, a in enumerate(stations):
-        for b in stations[i + 1 :]:
-            (yes if set(lines_at[a]) & set(lines_at[b]) else no).append((a, b))
-    out = []
-    for (a, b), ans in _balanced(rng, yes, no, n):
-        if rng.random() < 0.5:
-            a, b = b, a
-        out.append(dict(question=fill(TEMPLATES["torf1"], stop1=a, stop2=b), answer=ans, station_1=a, station_2=b))
-    return out
-
-
-def _torf2(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    lines_at = station_lines(metro)
-    yes = [(s, line) for s in sorted(lines_at) for line in metro if line in lines_at[s]]
-    no = [(s, line) for s in sorted(lines_at) for line in metro if line not in lines_at[s]]
-    return [dict(question=fill(TEMPLATES["torf2"], stop1=s, line=line), answer=ans, station_1=s, line=line)
-            for (s, line), ans in _balanced(rng, yes, no, n)]
-
-
-def _loop_tie(metro: Metro, line: str, a: str, b: str) -> bool:
-    """True when a and b sit opposite each other on a loop line: both ways round are equally long."""
-    st = metro[line]
-    if not (len(st) > 2 and st[0] == st[-1]):
-        return False
-    ring = st[:-1]
-    d = (ring.index(b) - ring.index(a)) % len(ring)
-    return d == len(ring) - d
-
-
-def _counting1(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    lines_at = station_lines(metro)
-    stations = sorted(lines_at)
-    pairs = []
-    for i, a in enumerate(stations):
-        for b in stations[i + 1 :]:
-            shared = [line for line in lines_at[a] if line in lines_at[b]]
-            if not shared or any(_loop_tie(metro, line, a, b) for line in shared):
-                continue
-            # several shared lines must agree on the count, or the question would have two answers
-            if len({len(via_stops(metro, line, a, b)) for line in shared}) == 1:
-                pairs.append((a, b, shared[0]))
-    # the right letter cycles evenly over A-D; a pair can take letter k only if k smaller counts exist
-    rng.shuffle(pairs)
-    letters = [k % 4 for k in range(min(n, len(pairs)))]
-    rng.shuffle(letters)
-    out = []
-    for k in letters:
-        pick = next((p for p in pairs if len(via_stops(metro, p[2], p[0], p[1])) >= k), pairs[0])
-        pairs.remove(pick)
-        a, b, line = pick if rng.random() < 0.5 else (pick[1], pick[0], pick[2])
-        inner = via_stops(metro, line, a, b)
-        count = len(inner)
-        k = min(k, count)
-        # choices ascending, the right one at letter k: k smaller distractors and 3 - k larger ones
-        choices = sorted(rng.sample(range(max(0, count - 6), count), k) + [count]
-                         + rng.sample(range(count + 1, count + 7), 3 - k))
-        out.append(dict(question=fill(TEMPLATES["counting1"], stop1=a, stop2=b, a=choices[0], b=choices[1],
-                                      c=choices[2], d=choices[3]),
-                        answer=LETTERS[k], station_1=a, station_2=b, choices=choices, extra={"via_stops": inner}))
-    return out
-
-
-def _counting2(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    lines_at = station_lines(metro)
-    inter = sorted(s for s, ls in lines_at.items() if len(ls) > 1)
-    plain = sorted(s for s, ls in lines_at.items() if len(ls) == 1)
-    k = min(len(inter), n // 2)  # half interchanges, so that "1" is not almost always right
-    picked = rng.sample(inter, k) + rng.sample(plain, min(len(plain), n - k))
-    rng.shuffle(picked)
-    return [dict(question=fill(TEMPLATES["counting2"], stop1=s), answer=str(len(lines_at[s])), station_1=s)
-            for s in picked]
-
-
-def _counting3(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    return [dict(question=TEMPLATES["counting3"], answer=str(len(metro)))]  # one per map
-
-
-def _planning(metro: Metro, rng: random.Random, n: int) -> list[dict]:
-    """Pairs with a route, spread over 0 / 1 / >= 2 transfers where the network allows; no-route pairs skipped."""
-    stations = sorted(station_lines(metro))
-    buckets: list[list] = [[], [], []]
-    seen = set()
-    for _ in range(8 * n):
-        a, b = rng.sample(stations, 2)
-        if (a, b) in seen:
-            continue
-        seen.add((a, b))
-        route = best_route(metro, a, b)
-        if route:  # None: no route (disconnected lines) -> never asked
-            buckets[min(len(route) - 1, 2)].append((a, b, route))
-    picked = []
-    while len(picked) < n and any(buckets):
-        for bucket in buckets:
-            if bucket and len(picked) < n:
-                picked.append(bucket.pop(0))
-    rng.shuffle(picked)
-    out = []
-    for a, b, route in picked:
-        out.append(dict(question=fill(PLANNING_SHORT, stop1=a, stop2=b),
-                        question_long=fill(PLANNING_LONG, stop1=a, stop2=b),
-                        answer=route_text(route), station_1=a, station_2=b, route=route, routes=[route],
-                        transfer_count=len(route) - 1, question_difficulty=question_difficulty(len(route) - 1)))
-    return out
-
-
-_GENERATORS = {"torf1": _torf1, "torf2": _torf2, "counting1": _counting1, "counting2": _counting2,
-               "counting3": _counting3, "planning": _planning}
-
-
-def make_questions(metro: Metro, rng: random.Random, questions_per_type: int = 20, *, city: str = "",
-                   country: str = "", image: str | None = None, map_difficulty: str = "easy") -> list[Sample]:
-    """Questions of all six types about one map, answers computed from `metro` (one counting3 per map)."""
-    lines_at = station_lines(metro)
-    city_info = {"city_line_count": len(metro), "city_transfer_count": sum(len(ls) > 1 for ls in lines_at.values())}
-    samples = []
-    for qtype in QTYPES:
-        for k, fields in enumerate(_GENERATORS[qtype](metro, rng, questions_per_type)):
-            extra = {**city_info, **fields.pop("extra", {})}
-            samples.append(Sample(id=f"{city}-{qtype}-{k:03d}", qtype=qtype, image=image, metro=metro, city=city,
-                                  country=country, map_difficulty=map_difficulty, extra=extra, **fields))
-    return samples
-
-
-# ---------------------------------------------------------------------------------------------------
-# the synthetic dataset
-
-
-def split_by_city(samples: list[Sample], test_fraction: float = 0.37, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
-    """Set `split` on every sample, whole cities at a time, and return (train, test).
-
-    ReasonMap-Plus holds out 11 of its 30 cities (0.37). Test cities are drawn round-robin over map
-    difficulties so that both splits see every difficulty when there are enough cities; with two or
-    more cities each split gets at least one.
-    """
-    difficulty = {s.city: s.map_difficulty for s in samples}
-    rng = random.Random(f"rewardmap-split:{seed}")
-    groups = [sorted(c for c, d in difficulty.items() if d == level) for level in MAP_DIFFICULTIES]
-    groups.append(sorted(c for c, d in difficulty.items() if d not in MAP_DIFFICULTIES))
-    for g in groups:
-        rng.shuffle(g)
-    order = [g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)]
-    n = len(order)
-    k = min(max(round(test_fraction * n), 1), n - 1) if n >= 2 else 0
-    test_cities = set(order[:k])
-    for s in samples:
-        s.split = "test" if s.city in test_cities else "train"
-    return [s for s in samples if s.split == "train"], [s for s in samples if s.split == "test"]
-
-
-def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_per_type: int = 20,
-                      test_fraction: float = 0.37, progress: bool = True) -> list[Sample]:
-    """Generate `n_cities` synthetic cities, draw their maps under `out_dir/maps/`, ask questions.
-
-    Map difficulty cycles easy, middle, hard, so every difficulty appears from 3 cities on. Each city
-    gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
-    too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
-    samples and byte-identical PNGs.
-    """
-    out_dir = Path(out_dir)
-    samples: list[Sample] = []
-    slugs: set[str] = set()
-    for i in tqdm(range(n_cities), desc="cities", disable=not progress or n_cities < 5):
-        difficulty = MAP_DIFFICULTIES[i % len(MAP_DIFFICULTIES)]
-        city = generate_city(zlib.crc32(f"{seed}:{i}".encode()), difficulty)
-        slug = city.slug if city.slug not in slugs else f"{city.slug}{i}"
-        slugs.add(slug)
-        image = out_dir / "maps" / f"{slug}.png"
-        render_map(city, image)
-        rng = random.Random(f"rewardmap-questions:{seed}:{i}")
-        samples += make_questions(city.metro, rng, questions_per_type, city=slug, country="synthetic",
-                                  image=str(image), map_difficulty=difficulty)
-    split_by_city(samples, test_fraction, seed)
-    return samples
-
-
-# ---------------------------------------------------------------------------------------------------
-# export in the released datasets' field names (SPEC §2.3)
+# export in the released datasets' field names (docs/rewardmap.md §2.3)
 
 
 def _metro_file(metro: Metro) -> dict[str, list[str]]:
@@ -552,10 +112,9 @@ def export_dataset(samples: list[Sample], out_dir: str | Path) -> dict[str, int]
 
 
 # ---------------------------------------------------------------------------------------------------
-# loaders for our export and the released layouts (SPEC §2.3)
+# loaders for our export and the released layouts (docs/rewardmap.md §2.3)
 
-_TYPE_ALIASES = {"torf1": "torf1", "torf2": "torf2", "counting1": "counting1", "counting2": "counting2",
-                 "counting3": "counting3", "planning": "planning", "routeplanning": "planning"}
+_TYPE_ALIASES = {**{q: q for q in QTYPES}, "routeplanning": "planning"}  # after dropping spaces, _ and -, lowercased
 _YES = {"1", "yes", "true", "y", "t"}
 _NO = {"0", "no", "false", "n", "f"}
 _IMAGE_MAGIC = {b"\x89PNG": ".png", b"\xff\xd8\xff": ".jpg", b"GIF8": ".gif", b"RIFF": ".webp", b"BM": ".bmp"}
@@ -871,7 +430,7 @@ def _hf_rows(path: Path, split: str | None) -> list[tuple[str, list[tuple[int, d
 
 
 def load_samples(path: str | Path, split: str | None = None) -> list[Sample]:
-    """Samples from our export or the released layouts (SPEC §2.3).
+    """Samples from our export or the released layouts (docs/rewardmap.md §2.3).
 
     `path` is a folder (with `SPLIT.jsonl` / `SPLIT.json` / `SPLIT.parquet` / `data/SPLIT-*.parquet`,
     or a HuggingFace `save_to_disk` folder) or one JSON / JSONL / parquet file; `split` picks
@@ -915,6 +474,29 @@ def load_samples(path: str | Path, split: str | None = None) -> list[Sample]:
     return samples
 
 
+def load_data(data: str = "", cities: int = SYNTHETIC_CITIES, seed: int = 0, cache_dir: str | Path = CACHE_DIR
+              ) -> tuple[list[Sample], list[Sample]]:
+    """(train, test) samples: the comma-separated dataset folders `data`, else the synthetic world.
+
+    The synthetic world (`cities` cities from `seed`) is generated once into `cache_dir` and read back
+    through `load_samples`, so it goes through the same loader as a released dataset. A folder without a
+    test split (ReasonMap-Train) contributes only training samples, with a note."""
+    if data:
+        train, test = [], []
+        for path in data.split(","):
+            train += load_samples(path, "train")
+            try:
+                test += load_samples(path, "test")
+            except FileNotFoundError:  # ReasonMap-Train has no test split; evaluation then uses the others'
+                print(f"note: {path} has no test split")
+        return train, test
+    folder = Path(cache_dir) / f"synthetic-c{cities}-s{seed}"
+    if not (folder / "test.jsonl").exists():
+        print(f"generating the synthetic dataset ({cities} cities) into {folder} (once; reused afterwards)")
+        export_dataset(synthetic_dataset(cities, seed, folder), folder)
+    return load_samples(folder, "train"), load_samples(folder, "test")
+
+
 # ---------------------------------------------------------------------------------------------------
 # command line
 
@@ -931,6 +513,7 @@ def summary(samples: list[Sample]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The command line: export the synthetic dataset in the released layout, or preview a few maps."""
     ap = argparse.ArgumentParser(description="Export the synthetic transit-map dataset, or preview a few maps.")
     ap.add_argument("--out", default=None, help="output folder (default: data_out, or preview with --preview)")
     ap.add_argument("--cities", type=int, default=30, help="number of synthetic cities")
@@ -938,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--questions-per-type", type=int, default=20, help="questions per type per city (counting3: 1)")
     ap.add_argument("--test-fraction", type=float, default=0.37, help="fraction of cities held out for test")
     ap.add_argument("--preview", action="store_true", help="write 3 maps (easy/middle/hard) and example questions")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
     if a.preview:
         out = Path(a.out or "preview")
@@ -958,4 +542,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -1,4 +1,4 @@
-"""Evaluate a policy on a split with the paper's metrics (SPEC §4, Table 1 columns).
+"""Evaluate a policy with the paper's metrics (docs/rewardmap.md §6, the columns of Table 1).
 
     python eval.py                                          # the tiny model on the synthetic test split
     python eval.py --model runs/default/model --split test  # a trained checkpoint
@@ -6,8 +6,10 @@
 
 Greedy decoding, batched. Prints ReasonMap-Plus weighted accuracy (overall / Count / TorF), planning
 weighted accuracy and weighted map score, and per-type accuracy; writes eval.json (metrics and every
-response with its reward breakdown) and eval.html (a page with the map, question, response and reward
-of a sample of questions; self-contained, opens from disk without a server).
+response with its reward breakdown; strict JSON, an empty split's accuracy is null) and eval.html (a page
+with the map, question, response and reward of a sample of questions; self-contained, opens from disk).
+The scorers (`plus_accuracy`, `planning_scores`, `map_score`) are below; the per-response checks they
+build on are the training reward's (rewards.py).
 """
 from __future__ import annotations
 
@@ -15,17 +17,20 @@ import argparse
 import base64
 import html
 import io
-import json
 import random
+import re
 from dataclasses import asdict
 from pathlib import Path
 
 from tqdm import tqdm
 
+import cli
 import data
 import grpo
 import model as models
 import rewards
+from metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
+from rewards import transfer_count
 
 
 def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, progress: bool = True,
@@ -33,7 +38,7 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
     """Greedy responses, returned in input order. Prompts are batched by kind (planning questions get
     `planning_max_new_tokens`, the others `max_new_tokens`) and by prompt length (less padding)."""
     if long:  # planning questions in their long form (via stops), the others unchanged
-        samples = [data.Sample(**{**asdict(s), "question": s.question_long}) if s.qtype == "planning" and s.question_long else s
+        samples = [Sample(**{**asdict(s), "question": s.question_long}) if s.qtype == "planning" and s.question_long else s
                    for s in samples]
     def budget(s) -> int:
         return (planning_max_new_tokens or max_new_tokens) if s.qtype == "planning" else max_new_tokens
@@ -45,7 +50,8 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
     while start < len(order):
         tokens = budget(samples[order[start]])
         idx = [i for i in order[start : start + batch_size] if budget(samples[i]) == tokens]
-        rollout = grpo.sample_groups(policy, [samples[i] for i in idx], group_size=1, max_new_tokens=tokens, greedy=True)
+        rollout = grpo.sample_groups(policy, [samples[i] for i in idx], group_size=1, max_new_tokens=tokens,
+                                     temperature=0.0)
         for i, text in zip(idx, rollout.texts):
             out[i] = text
         bar.update(len(idx))
@@ -74,14 +80,154 @@ def metrics_for(samples: list, responses: list[str], long: bool = False) -> dict
     plan = [(s, r) for s, r in zip(samples, responses) if s.qtype == "planning"]
     summary: dict = {"n": len(samples)}
     if plus:
-        summary["plus"] = rewards.plus_accuracy(*map(list, zip(*plus)))
+        summary["plus"] = plus_accuracy(*map(list, zip(*plus)))
     if plan:
-        summary["planning"] = rewards.planning_scores(*map(list, zip(*plan)), long=long)
+        summary["planning"] = planning_scores(*map(list, zip(*plan)), long=long)
     per_type: dict[str, list[float]] = {}
     for s, r in zip(samples, responses):
         per_type.setdefault(s.qtype, []).append(float(rewards.is_correct(s, r)))
     summary["per_type_accuracy"] = {q: sum(v) / len(v) for q, v in sorted(per_type.items())}
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Table 1 scorers (docs/rewardmap.md §6)
+
+REASONMAP_PLUS_WEIGHTS = {"easy": 1.0, "middle": 1.5, "hard": 2.0}
+"""ReasonMap-Plus weighted accuracy: weight by map difficulty only."""
+REASONMAP_WEIGHTS = {
+    ("easy", "easy"): 1.0, ("medium", "easy"): 1.5, ("hard", "easy"): 2.0,
+    ("easy", "middle"): 1.5, ("medium", "middle"): 2.0, ("hard", "middle"): 2.5,
+    ("easy", "hard"): 2.0, ("medium", "hard"): 2.5, ("hard", "hard"): 3.0,
+}  # fmt: skip
+"""ReasonMap weighted accuracy / map score: weight by (question difficulty, map difficulty)."""
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """sum(w * x) / sum(w); NaN for no samples (an empty split has no accuracy, not zero)."""
+    total = sum(w for w, _ in pairs)
+    return sum(w * x for w, x in pairs) / total if total > 0 else float("nan")
+
+
+def plus_accuracy(samples: list[Sample], responses: list[str]) -> dict:
+    """ReasonMap-Plus weighted accuracy (docs/rewardmap.md §6.1), overall and split Count / TorF, plus per type.
+
+    Returns {'weighted_acc', 'count', 'torf', 'acc' (unweighted), 'per_type': {qtype: weighted acc},
+    'n', 'correct': [bool per sample]}. Planning samples are not allowed here."""
+    if len(samples) != len(responses):
+        raise ValueError(f"{len(samples)} samples but {len(responses)} responses")
+    for s in samples:  # bad data, not a bad response: say which sample
+        if s.qtype not in PLUS_QTYPES or s.map_difficulty not in REASONMAP_PLUS_WEIGHTS:
+            raise ValueError(f"sample {s.id}: plus_accuracy takes ReasonMap-Plus questions on easy/middle/hard "
+                             f"maps, got qtype {s.qtype!r}, map difficulty {s.map_difficulty!r}")
+    correct = [rewards.plus_scores(s, r)[1] for s, r in zip(samples, responses)]
+    rows = [(s.qtype, REASONMAP_PLUS_WEIGHTS[s.map_difficulty], float(c)) for s, c in zip(samples, correct)]
+    by = lambda types: _weighted_mean([(w, x) for q, w, x in rows if q in types])  # noqa: E731
+    return {
+        "weighted_acc": by(PLUS_QTYPES),
+        "count": by(COUNT_QTYPES),
+        "torf": by(TORF_QTYPES),
+        "acc": _weighted_mean([(1.0, x) for _, _, x in rows]),
+        "per_type": {q: by((q,)) for q in PLUS_QTYPES if any(r[0] == q for r in rows)},
+        "n": len(rows),
+        "correct": correct,
+    }
+
+
+def map_score(
+    response: str, metro: Metro, stop1: str, stop2: str, references: list[list[Segment]], via: str | None = None
+) -> float:
+    """ReasonMap's quality score of a route answer (docs/rewardmap.md §6.2), best over the reference plans.
+
+    Per reference: if the first departure and last arrival are right, +1, then for each aligned
+    (answer, reference) segment pair +2 same route name (light normalisation), +1 same departure, +1 same
+    arrival; long questions add a via-stop term: `via="count"` (template 1, `Number of Via Stops`): per
+    pair 4 if exact, else max(0, 4 - 4 * error / reference count) (0 when the reference has none), summed
+    and capped at 10; `via="list"` (template 2, `Via Stops`): (10 * IoU + matched count capped at 10) / 2,
+    IoU over the pairs with the same route name. Cap at 10 (short) / 20 (long); add 10 / 20 if
+    `planning_correct`. Range [0, 20] short, [0, 40] long. As in ReasonMap's code the segment terms only
+    count when the endpoints are right; unlike it, `Via Stops` lists are read for every city, not only
+    Chinese ones. Reference via stops come from `metro.via_stops` on the metro data.
+    """
+    if via not in (None, "count", "list"):
+        raise ValueError(f"via must be None, 'count' or 'list', got {via!r}")
+    cap, bonus = (10.0, 10.0) if via is None else (20.0, 20.0)
+    segs = rewards.parse_segments(response)[:rewards.MAX_SEGMENTS]
+    correct = rewards.planning_correct(response, metro, stop1, stop2)
+    ends_ok = bool(segs) and (
+        rewards.normalize_station(segs[0]["dep"]) == rewards.normalize_station(stop1)
+        and rewards.normalize_station(segs[-1]["arr"]) == rewards.normalize_station(stop2)
+    )
+    best = 0.0
+    for ref in references or [[]]:
+        score = 0.0
+        if ends_ok:
+            score += 1
+            num_score, matched, union, inter = 0.0, 0, set(), set()
+            for seg, (line, dep, arr) in zip(segs, ref):
+                same_line = rewards.normalize_line(seg["route"]) == rewards.normalize_line(line)
+                score += 2 * same_line
+                score += rewards.normalize_station(seg["dep"]) == rewards.normalize_station(dep)
+                score += rewards.normalize_station(seg["arr"]) == rewards.normalize_station(arr)
+                ref_via = {rewards.normalize_station(s) for s in (via_stops(metro, line, dep, arr) or [])}
+                if via == "count":
+                    m = re.search(r"\d{1,6}", seg.get("num_via", ""))
+                    error = abs((int(m.group()) if m else 0) - len(ref_via))
+                    num_score += 4 if error == 0 else (max(0.0, 4 - 4 * error / len(ref_via)) if ref_via else 0)
+                elif via == "list":
+                    said = {rewards.normalize_station(s) for s in seg.get("via", "").split(",")} - {""}
+                    matched += len(said & ref_via)
+                    if same_line:
+                        union |= said | ref_via
+                        inter |= said & ref_via
+            iou = len(inter) / len(union) if union else 0.0
+            score += (10 * iou + min(10, matched)) / 2 + min(10.0, num_score)
+        score = min(cap, score) + (bonus if correct else 0.0)
+        best = max(best, score)
+    return best
+
+
+def _question_difficulty(sample: Sample, transfers: int) -> str:
+    if sample.question_difficulty in QUESTION_DIFFICULTIES:
+        return sample.question_difficulty
+    return question_difficulty(transfers)
+
+
+def planning_scores(samples: list[Sample], responses: list[str], long: bool = False) -> dict:
+    """ReasonMap planning metrics (docs/rewardmap.md §6.2) for short (`long=False`) or long answers.
+
+    Returns {'weighted_acc', 'acc', 'weighted_map_score', 'map_score', 'n', 'correct'}, weighted by
+    `REASONMAP_WEIGHTS[(question difficulty, map difficulty)]` (question difficulty from the sample, else
+    0 / 1 / >= 2 transfers = easy / medium / hard). Long answers use the via-stop variant of the sample's
+    long template (`Via Stops:` list if it asks for one, else `Number of Via Stops`). Reference plans:
+    `sample.routes`, else `[sample.route]`."""
+    if len(samples) != len(responses):
+        raise ValueError(f"{len(samples)} samples but {len(responses)} responses")
+    acc_rows, map_rows, correct = [], [], []
+    for s, r in zip(samples, responses):
+        s1, s2 = s.station_1 or "", s.station_2 or ""
+        ok = rewards.planning_correct(r, s.metro, s1, s2)
+        via = None
+        if long:
+            q = s.question_long or ""
+            via = "list" if ("Via Stops:" in q and "Number of Via Stops" not in q) else "count"
+        refs = s.routes or ([s.route] if s.route else [])
+        w = REASONMAP_WEIGHTS[(_question_difficulty(s, transfer_count(s)), s.map_difficulty)]
+        correct.append(ok)
+        acc_rows.append((w, float(ok)))
+        map_rows.append((w, map_score(r, s.metro, s1, s2, refs, via)))
+    return {
+        "weighted_acc": _weighted_mean(acc_rows),
+        "acc": _weighted_mean([(1.0, x) for _, x in acc_rows]),
+        "weighted_map_score": _weighted_mean(map_rows),
+        "map_score": _weighted_mean([(1.0, x) for _, x in map_rows]),
+        "n": len(samples),
+        "correct": correct,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports: one line, a table, a self-contained HTML page
 
 
 def _pct(x: float) -> str:
@@ -166,39 +312,36 @@ img{{max-width:100%;border:1px solid #ddd}} td,th{{padding:2px 10px;text-align:r
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import train  # dataset and model loading are train.py's, so both programs see the same data and model
-
-    defaults = train.TrainConfig()
+    """The command line: load the split and the model as train.py does, evaluate, write eval.json and eval.html."""
     ap = argparse.ArgumentParser(description="Evaluate a policy with the paper's metrics.",
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny", help="'tiny' (the untrained embedded model) or a model folder / hub id")
-    ap.add_argument("--data", default="", help="dataset folder; empty: the synthetic dataset train.py caches")
-    ap.add_argument("--split", default="test", help="split to evaluate")
-    ap.add_argument("--cities", type=int, default=defaults.cities, help="synthetic dataset: number of cities (as in train.py)")
-    ap.add_argument("--seed", type=int, default=defaults.seed, help="synthetic dataset and tiny model seed (as in train.py)")
-    ap.add_argument("--cache-dir", default=defaults.cache_dir, help="cache folder (as in train.py)")
+    ap.add_argument("--data", default="", help="dataset folder(s), comma-separated; empty: the synthetic dataset train.py caches")
+    ap.add_argument("--split", default="test", choices=("train", "test"), help="split to evaluate")
+    ap.add_argument("--cities", type=int, default=data.SYNTHETIC_CITIES, help="synthetic dataset: number of cities (as in train.py)")
+    ap.add_argument("--seed", type=int, default=0, help="synthetic dataset and tiny model seed (as in train.py)")
+    ap.add_argument("--cache-dir", default=data.CACHE_DIR, help="cache folder (as in train.py)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many questions (a seeded subset; 0: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    ap.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens, help="response token budget, judgement / counting")
-    ap.add_argument("--planning-max-new-tokens", type=int, default=defaults.planning_max_new_tokens,
+    ap.add_argument("--max-new-tokens", type=int, default=models.TINY_MAX_NEW_TOKENS,
+                    help="response token budget, judgement / counting")
+    ap.add_argument("--planning-max-new-tokens", type=int, default=models.TINY_PLANNING_MAX_NEW_TOKENS,
                     help="response token budget, planning")
     ap.add_argument("--long", action="store_true", help="planning questions in the long form (via stops)")
     ap.add_argument("--out", default="", help="folder for eval.json and eval.html (default: the model folder, or runs/eval)")
+    ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
-    cfg = train.TrainConfig(model=a.model, data=a.data, cities=a.cities, seed=a.seed, cache_dir=a.cache_dir)
-    if a.split not in ("train", "test"):
-        raise SystemExit(f"--split must be train or test, got {a.split!r}")
-    tr, te = train.load_data(cfg)
-    samples = tr if a.split == "train" else te
+    train, test = data.load_data(a.data, a.cities, a.seed, a.cache_dir)
+    samples = train if a.split == "train" else test
     if a.limit and a.limit < len(samples):
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
-    policy = train.load_model(cfg, train.tokenizer_corpus(tr)) if a.model == "tiny" else models.load_policy(a.model)
+    policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir)
     summary = evaluate(policy, samples, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, long=a.long,
                        planning_max_new_tokens=a.planning_max_new_tokens)
     out = Path(a.out or (a.model if Path(a.model).is_dir() else "runs/eval"))
     out.mkdir(parents=True, exist_ok=True)
-    (out / "eval.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "eval.json").write_text(cli.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_html(summary, out / "eval.html")
     print(table(summary))
     print(f"wrote {out / 'eval.json'} and {out / 'eval.html'}")
@@ -206,4 +349,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

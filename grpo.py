@@ -1,6 +1,7 @@
-"""GRPO, from scratch: group sampling, group-relative advantages, clipped loss + k3 KL, one update.
+"""GRPO, from scratch: group sampling, group-relative advantages, clipped loss + k3 KL, one step.
 
-SPEC §6 / DeepSeekMath (arXiv 2402.03300) eq. 3, per response token t of response i in a group of G:
+docs/rewardmap.md §4 / DeepSeekMath (arXiv 2402.03300) eq. 3, per response token t of response i in a
+group of G:
 
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     A_i    = (r_i - mean(r_group)) / (std(r_group) + eps)                          (group_advantages)
@@ -8,8 +9,9 @@ SPEC §6 / DeepSeekMath (arXiv 2402.03300) eq. 3, per response token t of respon
     KL_it  = exp(ref - logp) - (ref - logp) - 1   (k3, unbiased and >= 0)          (kl_k3)
 
 averaged over response tokens (`aggregation="token"`) or within each response then over responses
-(`"sequence"`, DeepSeekMath's 1/G sum_i 1/|o_i| sum_t). The three plain functions below are the math;
-`sample_groups` is the rollout and `grpo_step` ties rollout -> rewards -> advantages -> update together.
+(`"sequence"`, DeepSeekMath's 1/G sum_i 1/|o_i| sum_t). Read in this order: the three pure functions of
+the math; `sample_groups`, the rollout; `grpo_step`, one step as five named phases
+(rollout -> score -> advantages -> reference log-probs -> update).
 """
 from __future__ import annotations
 
@@ -20,13 +22,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import Policy, encode_prompts, forward_logits, shared_prompt_logprobs
+from model import Policy, encode_prompts, forward_logits, kv_cache, shared_prompt_logprobs
 
 
 @dataclass
 class GRPOConfig:
+    """The knobs of one GRPO step (docs/rewardmap.md §4, §7); train.py fills it from its flags."""
+
     group_size: int = 8  # G: responses sampled per prompt (paper 8, released script 4)
-    temperature: float = 1.0  # sampling temperature (SPEC §6: 1.0); 0 means greedy
+    temperature: float = 1.0  # sampling temperature (the paper: 1.0); 0 means greedy
     top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
     max_new_tokens: int = 256  # response length cap (paper: 2048)
     clip_eps: float = 0.2  # PPO clip range epsilon for the ratio rho
@@ -41,7 +45,7 @@ class GRPOConfig:
 # ----------------------------------------------------------------------------- the math
 
 def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (SPEC §6).
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (docs/rewardmap.md §4.1).
 
     `std` is the unbiased sample std (as torch.std, TRL and verl); a group of equal rewards gives zeros,
     and so does a group of one. `scale=False` only centres (the paper's text).
@@ -145,7 +149,7 @@ def _expanded_static_cache(model, prefill_cache, group_size: int, max_len: int):
 
 @torch.no_grad()
 def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, generator: torch.Generator | None = None, greedy: bool = False) -> Rollout:
+                  top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
     """One batched, KV-cached decode of `group_size` responses for each sample.
 
     1. Prefill the B left-padded prompts once (vision encoder once per image), keeping the last logits.
@@ -158,7 +162,7 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
     Special tokens other than end-of-turn are never sampled (a sampled <|image_pad|> breaks the next
     forward). Finished rows emit pad and are masked; the loop stops when every row is done. All
     randomness goes through `generator` (which must live on the policy's device).
-    `temperature=0` or `greedy=True`: greedy decoding (eval.py uses group_size=1).
+    `temperature=0`: greedy decoding (eval.py, with group_size=1).
     """
     model, G = policy.model, group_size
     was_training = model.training
@@ -166,8 +170,7 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
     try:
         prompts = encode_prompts(policy, samples)
         out = forward_logits(model, prompts, use_cache=True, logits_to_keep=1)
-        cache = _expanded_static_cache(model, out.cache if hasattr(out, "cache") else out.past_key_values, G,
-                                       prompts["input_ids"].shape[1] + max_new_tokens)
+        cache = _expanded_static_cache(model, kv_cache(out), G, prompts["input_ids"].shape[1] + max_new_tokens)
         logits = out.logits[:, -1].repeat_interleave(G, 0)
         B, N = len(samples), len(samples) * G
         prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
@@ -178,7 +181,6 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
         entropy = torch.zeros(N, max_new_tokens, device=policy.device)
         mask = torch.zeros(N, max_new_tokens, device=policy.device)
         done = torch.zeros(N, dtype=torch.bool, device=policy.device)
-        temperature = 0.0 if greedy else temperature
         check_every = 16 if policy.device.type == "cuda" else 1
         for t in range(max_new_tokens):
             if t > 0:
@@ -211,124 +213,199 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
                    finished=done)
 
 
-# ----------------------------------------------------------------------------- one GRPO update
+# ----------------------------------------------------------------------------- one GRPO step
+# ALGORITHM: grpo_step reads as the five phases of docs/rewardmap.md §4.3. Each phase is one named call;
+# what is there only for speed (or safety) is marked [speed] / [safety] and can be skipped on a first read.
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+METRICS = {
+    "reward/total": "mean total reward R over the B*G responses",
+    "reward/format": "mean format reward",
+    "reward/correctness": "mean correctness reward",
+    "reward/detail": "mean detail reward (planning; 0 for the other types)",
+    "reward/accuracy": "fraction of responses with correctness > 0",
+    "reward/std": "std of the total reward over the whole batch",
+    "groups/zero_std_frac": "fraction of groups whose rewards are all equal (zero advantage: no gradient)",
+    "loss/policy": "clipped surrogate term, token mean over the updated rows",
+    "kl": "k3 KL to the reference policy, token mean over the updated rows",
+    "clip_frac": "fraction of updated tokens whose clipped term is active",
+    "approx_kl": "k3 KL of pi_theta to pi_old (0 with one PPO epoch), token mean",
+    "entropy": "policy entropy per response token, at sampling time",
+    "loss": "total loss (surrogate + KL), mean over PPO epochs",
+    "response_len": "mean response length in tokens",
+    "tokens/completion": "response tokens sampled this step",
+    "response_truncated_frac": "fraction of responses that hit the token budget without end-of-turn",
+    "grad_norm": "gradient norm before clipping (mean over PPO epochs)",
+    "skipped_nonfinite": "optimizer steps skipped for a non-finite loss or gradient",
+    "rows_updated": "responses that went through the update",
+    "time/rollout": "seconds: sampling",
+    "time/scoring": "seconds: rewards and advantages",
+    "time/logprobs": "seconds: reference (and pi_old) log-prob passes",
+    "time/update": "seconds: policy forward, backward and optimizer steps",
+}
+"""What `grpo_step` reports, in this order (metrics.jsonl has one line of these per step)."""
 
 
 def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRPOConfig,
               generator: torch.Generator | None = None) -> tuple[dict[str, float], list[str]]:
-    """rollout -> rewards -> advantages -> reference log-probs -> `ppo_epochs` clipped updates.
+    """One GRPO step on the prompts `samples`: rollout -> score -> advantages -> reference log-probs -> update.
 
     `reward_fn(sample, response_text)` returns an object with .total, .format, .correctness, .detail.
-    Returns `(metrics, responses)`: a dict of float metrics (keys below) and the step's B*G decoded
-    responses (row n answers samples[n // G]), for logging examples.
-    Micro-batches hold whole groups sorted by their longest response, each cut to its longest response.
-    With `ppo_epochs > 1`, pi_old comes from one extra no-grad pass (the same forward as the update's, so
-    the ratio is exactly 1 before the first step even in bf16); with 1, pi_old is the current policy
-    detached and no pass is needed. A non-finite
-    loss or gradient skips that optimizer step (gradients dropped, weights and optimizer state
-    untouched) and is counted in `skipped_nonfinite`.
-
-    Metrics: reward/{total,format,correctness,detail} (means), reward/accuracy (fraction with
-    correctness > 0), reward/std, groups/zero_std_frac (groups whose rewards are all equal: no signal),
-    loss, loss/policy, kl (k3 to the reference), approx_kl (to pi_old), clip_frac (token means over
-    the rows updated), entropy (per response token, at sampling time), response_len (mean tokens),
-    tokens/completion, response_truncated_frac, grad_norm (before clipping), skipped_nonfinite,
-    rows_updated, time/{rollout,scoring,logprobs,update} (seconds).
+    Returns `(metrics, responses)`: the floats named in `METRICS`, and the step's B*G decoded responses
+    (row n answers samples[n // G]).
     """
-    model, device, G = policy.model, policy.device, cfg.group_size
     if reference is None and cfg.kl_coef != 0:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs a reference model (model.reference_model(policy)); "
                          "pass one, or set kl_coef=0")
-    t0 = time.perf_counter()
+    clock = _Clock(policy.device)
+    G = cfg.group_size
     rollout = sample_groups(policy, samples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator)
-    _sync(device)
-    t1 = time.perf_counter()
-    scores = [reward_fn(samples[i // G], text) for i, text in enumerate(rollout.texts)]
-    parts = {k: torch.tensor([float(getattr(r, k)) for r in scores])
-             for k in ("total", "format", "correctness", "detail")}
-    adv = group_advantages(parts["total"], G, scale=cfg.std_scale).to(device)
-    t2 = time.perf_counter()
+    clock.lap("time/rollout")
+    rewards = score(samples, rollout.texts, reward_fn, G)
+    advantages = group_advantages(rewards["total"], G, scale=cfg.std_scale).to(policy.device)
+    clock.lap("time/scoring")
+    batches = micro_batches(rollout, advantages, cfg)
+    ref_logp, old_logp = reference_logprobs(reference, policy.model, batches, cfg)
+    clock.lap("time/logprobs")
+    update = policy_update(policy.model, optimizer, batches, advantages, ref_logp, old_logp,
+                           loss_denominator(rollout, cfg), cfg)
+    clock.lap("time/update")
+    return step_metrics(rewards, rollout, update, clock.times, G), rollout.texts
 
-    mask, lengths = rollout.response_mask, rollout.response_mask.sum(1).cpu()
-    n_tokens, n_rows = float(lengths.sum().clamp(min=1)), rollout.response_ids.shape[0]
-    denom = n_tokens if cfg.aggregation == "token" else float(n_rows)
-    # Rows with zero advantage have exactly zero policy gradient; without a KL term they can be skipped
-    # (the loss normaliser above still counts them, so the update is unchanged).
-    # Micro-batches take whole groups, longest groups first: a group's rows share one prompt, which
-    # shared_prompt_logprobs then computes once (a micro_batch_size that is a multiple of G keeps every
-    # group in one micro-batch); sorting groups by their longest response cuts padding.
+
+def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Tensor]:
+    """Reward parts of every response ([B*G] each: total, format, correctness, detail); row n answers
+    samples[n // G]."""
+    scores = [reward_fn(samples[i // group_size], text) for i, text in enumerate(texts)]
+    return {k: torch.tensor([float(getattr(r, k)) for r in scores]) for k in ("total", "format", "correctness", "detail")}
+
+
+def loss_denominator(rollout: "Rollout", cfg: GRPOConfig) -> float:
+    """The whole batch's normaliser (docs/rewardmap.md §4.2): its response-token count ("token") or
+    response count ("sequence"). Every micro-batch divides by it, so the summed gradients are exactly
+    those of one pass over the whole batch."""
+    if cfg.aggregation == "token":
+        return float(rollout.response_mask.sum(1).cpu().sum().clamp(min=1))
+    return float(rollout.response_ids.shape[0])
+
+
+@dataclass
+class MicroBatch:
+    """Rows of the rollout that go through one forward/backward together, cut to their longest response."""
+
+    rows: Tensor  # [n] row indices into the rollout
+    inputs: tuple  # (prompts, prompt_index, response_ids, response_mask) for model.shared_prompt_logprobs
+
+    @property
+    def mask(self) -> Tensor:
+        return self.inputs[3]
+
+
+def micro_batches(rollout: "Rollout", advantages: Tensor, cfg: GRPOConfig) -> list[MicroBatch]:
+    """Split the rollout's rows into micro-batches of `cfg.micro_batch_size` for gradient accumulation.
+
+    [speed] Whole groups, longest groups first: a group's rows share one prompt, which
+    `shared_prompt_logprobs` then computes once (a micro_batch_size that is a multiple of G keeps every
+    group in one micro-batch); sorting groups by their longest response cuts padding.
+    [speed] Without a KL term, rows with zero advantage have exactly zero gradient and are left out
+    (the loss normaliser still counts them, so the update is unchanged).
+    """
+    G, lengths = cfg.group_size, rollout.response_mask.sum(1).cpu()
     longest_first = torch.argsort(lengths.view(-1, G).max(1).values, descending=True, stable=True)
     order = (longest_first[:, None] * G + torch.arange(G)).flatten()
     if cfg.kl_coef == 0:
-        order = order[adv.cpu()[order] != 0]
-    rows = order
-    micro = [order[i : i + cfg.micro_batch_size] for i in range(0, len(order), cfg.micro_batch_size)]
-    batches = []
-    for idx in micro:
-        T = max(int(lengths[idx].max()), 1)
-        batches.append((idx, T, (rollout.prompts, rollout.prompt_index[idx], rollout.response_ids[idx, :T], mask[idx, :T])))
-    ref_lp, old_lp = {}, {}
-    with torch.no_grad():
-        for j, (idx, T, mb) in enumerate(batches):
-            if cfg.kl_coef != 0:  # kl_coef == 0: no reference forward at all
-                ref_lp[j] = shared_prompt_logprobs(reference, *mb)  # each prompt once, not G times
-            if cfg.ppo_epochs > 1:  # pi_old from the same forward as the update's, so rho == 1 at epoch 0
-                old_lp[j] = shared_prompt_logprobs(model, *mb)  # (the decode's own log-probs differ in bf16)
-    _sync(device)
-    t3 = time.perf_counter()
+        order = order[advantages.cpu()[order] != 0]
+    out = []
+    for start in range(0, len(order), cfg.micro_batch_size):
+        rows = order[start : start + cfg.micro_batch_size]
+        T = max(int(lengths[rows].max()), 1)
+        out.append(MicroBatch(rows, (rollout.prompts, rollout.prompt_index[rows], rollout.response_ids[rows, :T],
+                                     rollout.response_mask[rows, :T])))
+    return out
 
+
+@torch.no_grad()
+def reference_logprobs(reference, model, batches: list[MicroBatch], cfg: GRPOConfig
+                       ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+    """Per micro-batch: log pi_ref of the sampled tokens (None when kl_coef is 0: no reference pass at
+    all), and log pi_old when ppo_epochs > 1 (None otherwise: with one epoch pi_old is the current
+    policy itself, see `policy_update`). pi_old comes from the same forward as the update's, so the
+    ratio is exactly 1 before the first optimizer step even in bf16 (the decode's log-probs differ)."""
+    ref = [shared_prompt_logprobs(reference, *mb.inputs) if cfg.kl_coef != 0 else None for mb in batches]
+    old = [shared_prompt_logprobs(model, *mb.inputs) if cfg.ppo_epochs > 1 else None for mb in batches]
+    return ref, old
+
+
+def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tensor, ref_logp: list, old_logp: list,
+                  denom: float, cfg: GRPOConfig) -> dict[str, float]:
+    """`cfg.ppo_epochs` optimizer steps on the clipped surrogate + KL loss (docs/rewardmap.md §4.2),
+    accumulating gradients over the micro-batches, clipping the global gradient norm before each step.
+
+    Returns the update's metrics (`METRICS`: loss, loss/policy, kl, clip_frac, approx_kl, grad_norm,
+    skipped_nonfinite, rows_updated). [safety] A non-finite loss or gradient skips that optimizer step:
+    gradients dropped, weights and optimizer state untouched, counted in `skipped_nonfinite`."""
     sums, n_seen, grad_norms, skipped = {}, 0.0, [], 0
     params = [p for p in model.parameters() if p.requires_grad]
     model.train()
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
         finite = True
-        for j, (idx, T, mb) in enumerate(batches):
-            logp = shared_prompt_logprobs(model, *mb)  # prompt forward once per prompt, gradients summed
-            # ppo_epochs == 1: pi_old is the current policy, so rho == 1 exactly and the gradient is
-            # REINFORCE's -A * grad log p (TRL does the same with num_iterations == 1).
-            old = old_lp[j] if cfg.ppo_epochs > 1 else logp.detach()
-            m_mask = mask[idx, :T]
-            loss, m = policy_loss(logp, old, ref_lp.get(j), adv[idx], m_mask, cfg.clip_eps, cfg.kl_coef,
+        for mb, ref, old in zip(batches, ref_logp, old_logp):
+            logp = shared_prompt_logprobs(model, *mb.inputs)  # [speed] each prompt computed once, gradients summed
+            # one epoch: pi_old is the current policy, so rho == 1 exactly and the gradient is REINFORCE's
+            # -A * grad log p (TRL does the same with num_iterations == 1)
+            old = old if cfg.ppo_epochs > 1 else logp.detach()
+            loss, m = policy_loss(logp, old, ref, advantages[mb.rows], mb.mask, cfg.clip_eps, cfg.kl_coef,
                                   cfg.aggregation, denom=denom)
             loss.backward()
-            w = float(m_mask.sum())
+            w = float(mb.mask.sum())
             m["loss"] = float(loss.detach())
             finite &= math.isfinite(m["loss"])
             for k, v in m.items():
                 sums[k] = sums.get(k, 0.0) + (v if k == "loss" else v * w)
             n_seen += w
-        if not batches:  # nothing to learn from: step on zero gradients, as without the row skipping
+        if not batches:  # [speed] every row skipped: step on zero gradients, as without the row skipping
             for p in params:
                 p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if params else torch.tensor(0.0)
         grad_norms.append(float(norm))
         if finite and math.isfinite(grad_norms[-1]):
             optimizer.step()
-        else:  # never train on NaN/inf: drop the gradients, leave weights and optimizer state as they were
+        else:  # [safety] never train on NaN/inf
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
-    _sync(device)
-    t4 = time.perf_counter()
+    out = {k: sums.get(k, 0.0) / n_seen if n_seen else 0.0 for k in ("loss/policy", "kl", "clip_frac", "approx_kl")}
+    out["loss"] = sums.get("loss", 0.0) / max(cfg.ppo_epochs, 1)
+    out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
+    out["skipped_nonfinite"] = float(skipped)
+    out["rows_updated"] = float(sum(len(mb.rows) for mb in batches))
+    return out
 
-    epochs = max(cfg.ppo_epochs, 1)
-    metrics = {f"reward/{k}": float(v.mean()) for k, v in parts.items()}
-    metrics["reward/accuracy"] = float((parts["correctness"] > 0).float().mean())
-    metrics["reward/std"] = float(parts["total"].std()) if n_rows > 1 else 0.0
-    metrics["groups/zero_std_frac"] = float((parts["total"].view(-1, G).std(1, unbiased=False) == 0).float().mean())
-    for k in ("loss/policy", "kl", "clip_frac", "approx_kl"):  # token means over the updated rows
-        metrics[k] = sums.get(k, 0.0) / n_seen if n_seen else 0.0
-    metrics["entropy"] = float((rollout.entropy * mask).sum()) / n_tokens  # all responses, at sampling time
-    metrics["loss"] = sums.get("loss", 0.0) / epochs
-    metrics.update({
-        "response_len": float(lengths.mean()), "tokens/completion": float(lengths.sum()),
-        "response_truncated_frac": float((~rollout.finished).float().mean()),
-        "grad_norm": sum(grad_norms) / len(grad_norms) if grad_norms else 0.0,
-        "skipped_nonfinite": float(skipped), "rows_updated": float(len(rows)),
-        "time/rollout": t1 - t0, "time/scoring": t2 - t1, "time/logprobs": t3 - t2, "time/update": t4 - t3,
-    })
-    return metrics, rollout.texts
+
+def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[str, float], times: dict[str, float],
+                 group_size: int) -> dict[str, float]:
+    """Everything in `METRICS`, in its order, from the step's rewards, rollout, update and timings."""
+    lengths, n_rows = rollout.response_mask.sum(1).cpu(), len(rollout.texts)
+    total = rewards["total"]
+    m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
+    m["reward/accuracy"] = float((rewards["correctness"] > 0).float().mean())
+    m["reward/std"] = float(total.std()) if n_rows > 1 else 0.0
+    m["groups/zero_std_frac"] = float((total.view(-1, group_size).std(1, unbiased=False) == 0).float().mean())
+    m["entropy"] = float((rollout.entropy * rollout.response_mask).sum()) / float(lengths.sum().clamp(min=1))
+    m.update(response_len=float(lengths.mean()), **{"tokens/completion": float(lengths.sum())},
+             response_truncated_frac=float((~rollout.finished).float().mean()))
+    m.update(update)
+    m.update(times)
+    return {k: m[k] for k in METRICS}
+
+
+class _Clock:
+    """[plumbing] Seconds per phase; waits for the GPU before each reading so a phase is charged its own work."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times, self.last = device, {}, time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        now = time.perf_counter()
+        self.times[name], self.last = now - self.last, now

@@ -1,4 +1,4 @@
-"""The synthetic transit-map world: a seeded city generator and a Pillow renderer (SPEC §2).
+"""The synthetic transit-map world: a seeded city generator and a Pillow renderer (docs/rewardmap.md §2.4).
 
 No real maps can be downloaded on our machines, so the embedded default is a synthetic metro network
 drawn like a schematic metro map. A city is built on an integer grid: every grid node a line visits is

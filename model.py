@@ -1,6 +1,6 @@
 """Policy models: the offline tiny Qwen2.5-VL kit, real HF checkpoints, prompts and log-probs.
 
-Everything the GRPO loop needs from a model lives here (DESIGN.md, "Models"):
+Everything the GRPO loop needs from a model lives here:
 
 - `build_tiny_policy`: a randomly initialised Qwen2.5-VL-architecture model (well under 10M parameters)
   with a byte-level BPE tokenizer trained by the project, a Qwen-style chat template and a Pillow image
@@ -27,10 +27,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of the cache key)
+# Response-token budgets of the tiny default: a whole boxed answer is one token of its tokenizer, a route
+# block about 48 (a real model answers in text: the paper allows 2,048).
+TINY_MAX_NEW_TOKENS = 4
+TINY_PLANNING_MAX_NEW_TOKENS = 48
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, VIDEO_TOKEN]
@@ -64,7 +67,7 @@ class Policy:
 # ----------------------------------------------------------------------------- tokenizer + tiny models
 
 def builtin_corpus() -> list[str]:
-    """Deterministic text covering SPEC §2.2 templates, answers and the route format (tokenizer training)."""
+    """Deterministic text covering the question templates (docs/rewardmap.md §2.2),, answers and the route format (tokenizer training)."""
     stations = ["Alder", "Birch", "Cedar", "Dove", "Elm", "Fern", "Grove", "Harbor", "Iris", "Juniper",
                 "Kings Cross", "Lake", "Maple", "North Gate", "Oak", "Pine", "Queens", "River", "South Park"]
     out = ['What colour fills the image: red or blue? Put your answer in one "\\boxed{}".', "red", "blue", "yes", "no"]
@@ -248,8 +251,27 @@ def _make_policy(model, tokenizer, image_processor, device, max_pixels, min_pixe
                   eos_id=int(eos), pad_id=int(pad))
 
 
+def tokenizer_corpus(train_samples) -> list[str]:
+    """Text the tiny model's tokenizer is trained on: the training questions, and the answers in the
+    form a response gives them (`\\boxed{yes}`; planning: the route block)."""
+    answers = [s.answer if s.qtype == "planning" else f"\\boxed{{{s.answer}}}" for s in train_samples]
+    return [s.question for s in train_samples] + answers
+
+
+def load_model(name: str, train_samples=(), seed: int = 0, cache_dir: str | Path = ".cache", max_pixels: int = 0,
+               gradient_checkpointing: bool = False) -> Policy:
+    """The policy that train.py trains and eval.py evaluates: `name` "tiny" builds the tiny model (its
+    tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`), anything else is a
+    checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget."""
+    size = {"max_pixels": max_pixels} if max_pixels else {}
+    if name == "tiny":
+        return build_tiny_policy(seed=seed, corpus=tokenizer_corpus(train_samples),
+                                 cache_dir=str(Path(cache_dir) / "tiny-model"), **size)
+    return load_policy(name, gradient_checkpointing=gradient_checkpointing, **size)
+
+
 def reference_model(policy: Policy) -> nn.Module:
-    """A frozen copy of the policy's model (eval mode, no grad): the KL anchor pi_ref (SPEC §6)."""
+    """A frozen copy of the policy's model (eval mode, no grad): the KL anchor pi_ref (docs/rewardmap.md §4.2)."""
     ref = copy.deepcopy(policy.model).eval()
     ref.requires_grad_(False)
     return ref
@@ -268,7 +290,7 @@ def save_policy(policy: Policy, out_dir: str | Path) -> None:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, eight_bit: bool = False):
-    """AdamW (SPEC §6: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if asked."""
+    """AdamW (docs/rewardmap.md §7: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if asked."""
     params = [p for p in model.parameters() if p.requires_grad]
     if eight_bit:
         try:
@@ -365,14 +387,15 @@ def join_prompt_response(prompts: dict, prompt_index: Tensor, response_ids: Tens
 # ----------------------------------------------------------------------------- forward + log-probs
 
 @functools.lru_cache(maxsize=None)
-def _cache_kwarg_of(model_class: type) -> str:
+def _cache_kwarg(model_class: type) -> str:
+    """The forward's KV-cache argument: `cache` in newer transformers, `past_key_values` before (looked up
+    once per model class, not on every decode step)."""
     return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
 
 
-def _cache_kwarg(model) -> str:
-    """transformers 5 renamed `past_key_values` to `cache`; accept either version (looked up once per class,
-    not on every decode step)."""
-    return _cache_kwarg_of(type(model))
+def kv_cache(output):
+    """The KV cache a forward returned (`output.cache`, or `output.past_key_values` in older transformers)."""
+    return output.cache if hasattr(output, "cache") else output.past_key_values
 
 
 def embed_inputs(model: nn.Module, batch: dict) -> Tensor:
@@ -401,7 +424,7 @@ def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
     (`.logits`, and the KV cache when `use_cache` or a `cache` is given)."""
     return model(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
-                 logits_to_keep=logits_to_keep, **{_cache_kwarg(model): cache})
+                 logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
@@ -442,28 +465,16 @@ def selective_log_softmax(logits: Tensor, tokens: Tensor, chunk: int | None = No
     return _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), chunk).view(shape)
 
 
-@torch.no_grad()
-def _entropy(logits: Tensor, chunk: int | None = None) -> Tensor:
-    """Per-position entropy of softmax(logits), chunked (a metric: no gradient)."""
-    flat, chunk = logits.reshape(-1, logits.shape[-1]), _rows_per_chunk(logits.shape[-1], chunk)
-    ent = []
-    for c in flat.split(chunk):
-        lp = c.float().log_softmax(-1)
-        ent.append(-(lp.exp() * lp).sum(-1))
-    return torch.cat(ent).view(logits.shape[:-1])
-
-
-def response_logprobs(model: nn.Module, batch: dict, return_entropy: bool = False, chunk: int | None = None):
+def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None) -> Tensor:
     """Per-token log-probs [N, T] (float32) of the last `batch["response_len"]` tokens of each row.
 
     `batch` comes from `join_prompt_response` (left-padded prompt + right-padded response). Only the
     T response positions go through the LM head (`logits_to_keep`). Padded response positions hold
-    garbage: mask them. With `return_entropy`, also returns the policy entropy per position (no grad).
+    garbage: mask them.
     """
     T = batch["response_len"]
     logits = forward_logits(model, batch, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts t+1
-    logp = selective_log_softmax(logits, batch["input_ids"][:, -T:], chunk)
-    return (logp, _entropy(logits, chunk)) if return_entropy else logp
+    return selective_log_softmax(logits, batch["input_ids"][:, -T:], chunk)
 
 
 def _checkpointing_drops_cache(model: nn.Module) -> bool:
@@ -494,7 +505,7 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
     first = selective_log_softmax(out.logits[rows, -1:], response_ids[:, :1], chunk)
     T = response_ids.shape[1]
     if T > 1:  # response tokens 0..T-2 predict tokens 1..T-1, attending to the cached prompt
-        cache = out.cache if hasattr(out, "cache") else out.past_key_values
+        cache = kv_cache(out)
         cache.batch_select_indices(rows)
         pos = prompts["next_pos"][prompt_index, None] + torch.arange(T - 1, device=response_ids.device)
         step = dict(input_ids=response_ids[:, :-1],

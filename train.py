@@ -1,14 +1,15 @@
 """RewardMap training: GRPO with the detail reward over the multi-stage curriculum.
 
     python train.py --stage all                         # tiny offline model + synthetic maps, CPU, minutes
-    python train.py --stage judgement --no-detail-reward --curriculum none
+    python train.py --stage judgement --no-detail-reward   # one stage, an ablation
     python train.py --preset paper --model Qwen/Qwen2.5-VL-7B-Instruct --data /data/reasonmap   # GPU
     python train.py --out runs/x --resume               # continue a killed run exactly where it stopped
 
 Every flag is a field of `TrainConfig` below (argparse is generated from it, so flags and defaults
 cannot drift); `python train.py --help` lists them. Outputs in `--out`: config.json, metrics.jsonl
 (one line per GRPO step), checkpoints/ (HuggingFace format + trainer state, written atomically),
-model/ (the final policy), curves.png, eval_<stage>.json (end-of-stage evaluation).
+model/ (the final policy), curves.png, eval_<stage>.json (end-of-stage evaluation). The method is written
+down in docs/rewardmap.md.
 """
 from __future__ import annotations
 
@@ -27,12 +28,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import curriculum
 import data
 import eval as evaluation
 import grpo
 import model as models
 import rewards
+from data import CACHE_DIR, SYNTHETIC_CITIES
 
 
 def _f(default, help, **kw):
@@ -47,16 +50,16 @@ class TrainConfig:
     curriculum: str = _f("fine", "curriculum variant: fine (RewardMap) | coarse (all Plus types, then planning) | none (all shuffled)")
     model: str = _f("tiny", "policy: 'tiny' (the embedded offline Qwen2.5-VL) or a local path / hub id of a Qwen2(.5)-VL or causal LM")
     data: str = _f("", "dataset folder(s), comma-separated (our export, or ReasonMap-Plus,ReasonMap-Train copies); empty: synthetic maps")
-    cities: int = _f(60, "synthetic dataset: number of cities (generated once into --cache-dir, reused afterwards)")
+    cities: int = _f(SYNTHETIC_CITIES, "synthetic dataset: number of cities (generated once into --cache-dir, reused afterwards)")
     preset: str = _f("", "'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16)")
-    # reward (SPEC §3)
+    # reward (docs/rewardmap.md §3)
     no_detail_reward: bool = _f(False, "ablation: drop the detail reward (R = W * (format + correctness))")
     alpha: float = _f(0.5, "weight of the detail reward")
     no_difficulty_weight: bool = _f(False, "ablation: difficulty weight W = 1 for every sample")
     gammas: tuple = _f((1.0, 1.2, 1.5), "map-difficulty weights for easy / middle / hard maps", nargs=3, type=float)
     betas: tuple = _f((0.0, 0.5), "question weights for planning with 0 / >= 1 transfers", nargs=2, type=float)
     detail_variant: str = _f("paper", "detail reward: 'paper' (Algorithm 1 as written) | 'released' (the authors' code)")
-    # GRPO (SPEC §6)
+    # GRPO (docs/rewardmap.md §4)
     group_size: int = _f(8, "G: responses sampled per prompt")
     batch_size: int = _f(8, "prompts per GRPO step")
     micro_batch_size: int = _f(64, "responses per forward/backward pass (gradient accumulation over the rest)")
@@ -67,8 +70,8 @@ class TrainConfig:
     ppo_epochs: int = _f(1, "optimisation passes over each rollout batch")
     aggregation: str = _f("token", "loss averaging: 'token' (over all response tokens) | 'sequence' (per response first)")
     no_std_scale: bool = _f(False, "advantage = r - mean(group) only (the paper's text), not divided by the group std")
-    max_new_tokens: int = _f(4, "response token budget for judgement / counting questions (tiny: a whole boxed answer is one token)")
-    planning_max_new_tokens: int = _f(48, "response token budget for planning questions")
+    max_new_tokens: int = _f(models.TINY_MAX_NEW_TOKENS, "response token budget for judgement / counting questions (tiny: a whole boxed answer is one token)")
+    planning_max_new_tokens: int = _f(models.TINY_PLANNING_MAX_NEW_TOKENS, "response token budget for planning questions")
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold for rollouts")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
@@ -80,12 +83,13 @@ class TrainConfig:
     # run
     seed: int = _f(0, "seed for data, curriculum shuffle, sampling and model init")
     out: str = _f("runs/default", "output folder")
-    cache_dir: str = _f(".cache", "where the synthetic dataset and the tiny model are cached")
+    cache_dir: str = _f(CACHE_DIR, "where the synthetic dataset and the tiny model are cached")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     save_every: int = _f(50, "write a checkpoint every N steps (and at the end of each stage)")
     eval_every: int = _f(0, "evaluate on held-out samples of the current stage every N steps (0: only at stage ends)")
     eval_samples: int = _f(200, "held-out samples per evaluation (0: the whole test split)")
     max_nonfinite: int = _f(5, "stop the run after this many consecutive steps with a non-finite loss")
+    debug: bool = _f(False, "show the full traceback of an error (otherwise a user error prints one line)")
 
 
 PRESETS = {
@@ -124,42 +128,24 @@ def check_config(cfg: TrainConfig) -> None:
     """Fail early, naming the flag, on values that would only break later."""
     stages = curriculum.stage_names(cfg.curriculum)
     if cfg.stage != "all" and cfg.stage not in stages:
-        raise SystemExit(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, or all)")
+        raise ValueError(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, or all)")
     if cfg.aggregation not in ("token", "sequence"):
-        raise SystemExit(f"--aggregation must be token or sequence, got {cfg.aggregation!r}")
+        raise ValueError(f"--aggregation must be token or sequence, got {cfg.aggregation!r}")
     if cfg.detail_variant not in ("paper", "released"):
-        raise SystemExit(f"--detail-variant must be paper or released, got {cfg.detail_variant!r}")
+        raise ValueError(f"--detail-variant must be paper or released, got {cfg.detail_variant!r}")
     for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "planning_max_new_tokens"):
         if getattr(cfg, name) < 1:
-            raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name, ok, rule in (("kl_coef", cfg.kl_coef >= 0, ">= 0"), ("clip_eps", cfg.clip_eps > 0, "> 0"),
                            ("temperature", cfg.temperature >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
                            ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0")):
         if not ok:
-            raise SystemExit(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
+            raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
-        raise SystemExit("--group-size must be >= 2: GRPO's advantage compares responses within a group")
+        raise ValueError("--group-size must be >= 2: GRPO's advantage compares responses within a group")
 
 
-# ---------------------------------------------------------------------------------------------- data
-
-def load_data(cfg: TrainConfig) -> tuple[list[data.Sample], list[data.Sample]]:
-    """(train, test) samples: `--data` if given, else the synthetic world cached under --cache-dir."""
-    if cfg.data:
-        train, test = [], []
-        for path in cfg.data.split(","):
-            train += data.load_samples(path, "train")
-            try:
-                test += data.load_samples(path, "test")
-            except FileNotFoundError:  # ReasonMap-Train has no test split; evaluation then uses the others'
-                print(f"note: {path} has no test split")
-        return train, test
-    folder = Path(cfg.cache_dir) / f"synthetic-c{cfg.cities}-s{cfg.seed}"
-    if not (folder / "test.jsonl").exists():
-        print(f"generating the synthetic dataset ({cfg.cities} cities) into {folder} (once; reused afterwards)")
-        data.export_dataset(data.synthetic_dataset(cfg.cities, cfg.seed, folder), folder)
-    return data.load_samples(folder, "train"), data.load_samples(folder, "test")
-
+# ------------------------------------------------------------------------------ the components' configs
 
 def reward_config(cfg: TrainConfig) -> rewards.RewardConfig:
     return rewards.RewardConfig(alpha=cfg.alpha, use_detail=not cfg.no_detail_reward,
@@ -176,39 +162,23 @@ def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
                            max_grad_norm=cfg.max_grad_norm)
 
 
-def tokenizer_corpus(train_samples: list[data.Sample]) -> list[str]:
-    """Text the tiny model's tokenizer is trained on: the training questions, and the answers in the
-    form a response gives them (`\\boxed{yes}`; planning: the route block)."""
-    answers = [s.answer if s.qtype == "planning" else f"\\boxed{{{s.answer}}}" for s in train_samples]
-    return [s.question for s in train_samples] + answers
-
-
-def load_model(cfg: TrainConfig, corpus: list[str]) -> models.Policy:
-    size = {"max_pixels": cfg.max_pixels} if cfg.max_pixels else {}
-    if cfg.model == "tiny":
-        return models.build_tiny_policy(seed=cfg.seed, corpus=corpus, cache_dir=str(Path(cfg.cache_dir) / "tiny-model"), **size)
-    return models.load_policy(cfg.model, gradient_checkpointing=cfg.gradient_checkpointing, **size)
-
-
 # -------------------------------------------------------------------------------------- checkpoints
 
-# Fields that change what a run computes: a resumed run must have the same values, or its steps would
-# not continue the killed run's (other fields, e.g. --eval-every or --save-every, may change).
-TRAJECTORY_FIELDS = ("stage", "curriculum", "model", "data", "cities", "preset", "no_detail_reward", "alpha",
-                     "no_difficulty_weight", "gammas", "betas", "detail_variant", "group_size", "batch_size",
-                     "micro_batch_size", "lr", "weight_decay", "kl_coef", "clip_eps", "ppo_epochs", "aggregation",
-                     "no_std_scale", "max_new_tokens", "planning_max_new_tokens", "temperature", "top_p",
-                     "max_grad_norm", "max_steps_per_stage", "max_pixels", "seed")
+MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "eval_every", "eval_samples", "max_nonfinite",
+                        "gradient_checkpointing", "debug")
+"""The settings a resumed run may change: where things are written and how often, what is only logged, and
+recomputation that leaves the update's value unchanged. Every other TrainConfig field changes what the run
+computes, so a resumed run must keep the killed run's value, or its steps would not continue that run's."""
 
 
 def check_resume_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
     """Refuse to resume with settings that differ from the checkpoint's run, naming them."""
     now = dataclasses.asdict(cfg)
-    same = lambda a, b: list(a) == list(b) if isinstance(b, tuple) else a == b  # noqa: E731
-    differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in TRAJECTORY_FIELDS
-              if k in saved and not same(saved[k], now[k])]
+    same = lambda a, b: list(a) == list(b) if isinstance(b, (tuple, list)) else a == b  # noqa: E731
+    differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
+              if k not in MAY_CHANGE_ON_RESUME and k in saved and not same(saved[k], now[k])]
     if differ:
-        raise SystemExit(f"--resume: {ckpt} was written by a run with other settings ({'; '.join(differ)}); "
+        raise ValueError(f"--resume: {ckpt} was written by a run with other settings ({'; '.join(differ)}); "
                          "resume with the same flags, or start a new --out")
 
 
@@ -292,11 +262,7 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- loop
 
-def stage_qtypes(variant: str, stage: str) -> set[str]:
-    return {q for name, groups in curriculum.STAGES[variant] if name == stage for g in groups for q in g}
-
-
-def held_out(test: list[data.Sample], qtypes: set[str], n: int, seed: int) -> list[data.Sample]:
+def held_out(test: list, qtypes: set[str], n: int, seed: int) -> list:
     """A fixed, seeded subset of the test split for the given question types (n = 0: all of them)."""
     pool = [s for s in test if s.qtype in qtypes]
     return pool if n <= 0 or n >= len(pool) else random.Random(f"{seed}:eval").sample(pool, n)
@@ -309,26 +275,27 @@ def train(cfg: TrainConfig) -> dict:
     metrics_path = out / "metrics.jsonl"
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
-        raise SystemExit(f"--resume: no checkpoint in {out / 'checkpoints'}")
+        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if ckpt is not None else None
+    if state is not None:
+        check_resume_config(cfg, state.get("config", {}), ckpt)
     if not cfg.resume and metrics_path.exists():
         print(f"warning: {out} holds an earlier run; starting over (its metrics.jsonl and checkpoints are replaced)")
         metrics_path.unlink()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    (out / "config.json").write_text(cli.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_samples, test_samples = load_data(cfg)
+    train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     if cfg.stage != "all":
         stages = [(name, part) for name, part in stages if name == cfg.stage]
-    policy = load_model(cfg, tokenizer_corpus(train_samples))
+    policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels, cfg.gradient_checkpointing)
     reference = models.reference_model(policy) if cfg.kl_coef > 0 else None  # the initial policy, frozen
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     position = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
     if ckpt is not None:
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-        check_resume_config(cfg, state.get("config", {}), ckpt)
         dtype, device = next(policy.model.parameters()).dtype, policy.device  # as the run had them
         pixels = dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
         del policy  # the reference keeps the initial weights; never hold three models at once
@@ -358,7 +325,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"stage {name}: no training samples in this dataset, skipped")
             continue
         gcfg = grpo_config(cfg, name)
-        probe = held_out(test_samples, stage_qtypes(cfg.curriculum, name), cfg.eval_samples, cfg.seed)
+        probe = held_out(test_samples, curriculum.stage_qtypes(cfg.curriculum, name), cfg.eval_samples, cfg.seed)
         first = position["step_in_stage"] if stage_index == position["stage_index"] else 0
         bar = tqdm(total=len(steps), initial=first, desc=f"stage {stage_index + 1}/{len(stages)} {name}", dynamic_ncols=True)
         for step in range(first, len(steps)):
@@ -367,7 +334,7 @@ def train(cfg: TrainConfig) -> dict:
             row = {"stage": name, "step": step, "global_step": position["global_step"], **metrics,
                    "wall_time": round(time.time() - t0, 3), "example": responses[0][:200] if responses else ""}
             with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+                f.write(cli.dumps(row) + "\n")
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}", kl=f"{metrics['kl']:.4f}")
             bar.update(1)
             nonfinite_run = nonfinite_run + 1 if metrics.get("skipped_nonfinite") else 0
@@ -388,7 +355,7 @@ def train(cfg: TrainConfig) -> dict:
         if probe:  # before the end-of-stage checkpoint, so a kill during it replays the stage's end
             summary = evaluation.evaluate(policy, probe, reward_cfg, cfg.max_new_tokens,
                                           planning_max_new_tokens=cfg.planning_max_new_tokens)
-            (out / f"eval_{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+            (out / f"eval_{name}.json").write_text(cli.dumps(summary, indent=2) + "\n")
             summaries[name] = summary
             print(f"end of stage {name}: {evaluation.one_line(summary)}")
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
@@ -401,8 +368,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """The command line: flags -> TrainConfig -> train."""
     return train(parse_args(argv))
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

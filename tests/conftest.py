@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: the tiny offline policies (built once per session into a temp cache), colour
-images, and where the released metro files are."""
+images, and the real metro files shipped with the tests."""
 import copy
 import dataclasses
 import os
@@ -12,11 +12,12 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data import Sample  # noqa: E402
+from metro import Sample, load_metro, route_text  # noqa: E402
 import model as M  # noqa: E402
 
-# the released ReasonMap metro files (one JSON per city), next to the repo; tests using them skip when absent
-SHARED_METRO = Path(__file__).resolve().parent.parent.parent / "shared" / "reasonmap-metro"
+# four cities of the released ReasonMap metro files (source and licence: tests/data/reasonmap-metro/README.md)
+REAL_METRO = Path(__file__).resolve().parent / "data" / "reasonmap-metro"
+REAL_CITIES = ("singapore/singapore.json", "china/shanghai.json", "china/beijing.json", "america/new_york.json")
 
 COLOUR_Q = 'What colour fills the image: red or blue? Put your answer in one "\\boxed{}".'
 
@@ -67,3 +68,31 @@ def text_samples(n):
           "How do I get from Alder Station to Dove Station?"]
     return [Sample(id=str(i), qtype="torf2", question=qs[i % 3] * (1 + i % 2), answer="no", image=None,
                    metro=metro) for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def sg():
+    """The real Singapore metro data: the paper's worked examples are on it."""
+    return load_metro(REAL_METRO / "singapore" / "singapore.json")
+
+
+def ans(*segments):
+    """Answer text from (line, dep, arr) triples."""
+    return route_text(list(segments))
+
+
+def plus_sample(qtype, answer, difficulty="easy", **kw):
+    """A ReasonMap-Plus question with just the fields the reward and the scorers read."""
+    return Sample(id="x", qtype=qtype, question="", answer=answer, image=None, metro={}, map_difficulty=difficulty, **kw)
+
+
+# A hand-made chain city: Line k runs from the k-th to the (k+1)-th interchange.
+CHAIN = {
+    "Line 1": ["A", "B", "C"],
+    "Line 2": ["C", "D", "E"],
+    "Line 3": ["E", "F", "G"],
+    "Line 4": ["G", "H", "I"],
+    "Line 5": ["I", "J", "K"],
+    "Line 6": ["K", "L", "M"],
+    "Loop": ["A", "M"],
+}

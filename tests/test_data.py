@@ -1,4 +1,5 @@
-"""The transit-map world (data.py, maps.py): generator, questions, export/load, real metro files.
+"""The transit-map world: maps.py (generator), synthetic.py (questions, split), data.py (export / load of the
+released layouts), metro.py (metro files, routes) on real metro data.
 
 Ground truth is recomputed here by independent, deliberately plain methods (membership tests, index
 arithmetic, a BFS over the line graph), never by calling the code under test.
@@ -17,8 +18,10 @@ from PIL import Image
 
 import data
 import maps
-from conftest import SHARED_METRO as REAL
-from data import LETTERS, MAP_DIFFICULTIES, QTYPES
+import synthetic
+from conftest import REAL_CITIES
+from conftest import REAL_METRO as REAL
+from metro import LETTERS, MAP_DIFFICULTIES, QTYPES, best_route, clean_metro, load_metro, route_text, strip_suffix, via_stops
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -85,7 +88,7 @@ def connected(metro):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     out = tmp_path_factory.mktemp("world")
-    return out, data.synthetic_dataset(6, seed=7, out_dir=out, questions_per_type=12, progress=False)
+    return out, synthetic.synthetic_dataset(6, seed=7, out_dir=out, questions_per_type=12, progress=False)
 
 
 # ------------------------------------------------------------------------------------------ generator
@@ -94,13 +97,13 @@ def world(tmp_path_factory):
 @pytest.mark.parametrize("difficulty,lo,hi", [("easy", 2, 4), ("middle", 4, 7), ("hard", 7, 12)])
 def test_generated_cities(difficulty, lo, hi):
     for seed in range(4):
-        city = data.generate_city(seed, difficulty)
-        metro = data.generate_metro(seed, difficulty)
-        assert metro == city.metro == data.generate_city(seed, difficulty).metro  # deterministic
+        city = maps.generate_city(seed, difficulty)
+        metro = maps.generate_metro(seed, difficulty)
+        assert metro == city.metro == maps.generate_city(seed, difficulty).metro  # deterministic
         assert lo <= len(metro) <= hi
         assert len(set(city.colours.values())) == len(metro)  # distinct colours
         stations = {s for st in metro.values() for s in st}
-        assert all(s.endswith(" Station") and data.strip_suffix(s) == s for s in stations)
+        assert all(s.endswith(" Station") and strip_suffix(s) == s for s in stations)
         keys = {s.lower().replace(" ", "").replace("-", "") for s in stations}
         assert len(keys) == len(stations)  # unique even after ReasonMap's name normalisation
         assert connected(metro)
@@ -116,20 +119,20 @@ def test_generated_cities(difficulty, lo, hi):
 def test_map_sizes(tmp_path):
     widths = {}
     for d in MAP_DIFFICULTIES:
-        w, h = data.render_map(data.generate_city(1, d), tmp_path / f"{d}.png")
+        w, h = maps.render_map(maps.generate_city(1, d), tmp_path / f"{d}.png")
         assert Image.open(tmp_path / f"{d}.png").size == (w, h)
         widths[d] = w
     assert widths["easy"] < 1200 < widths["middle"] < 2000 <= widths["hard"] <= 3000
 
 
 def test_loops_appear_and_via_stops_go_the_short_way():
-    hard = [data.generate_city(s, "hard") for s in range(6)]
+    hard = [maps.generate_city(s, "hard") for s in range(6)]
     assert any(c.loops for c in hard)
     loop = {"C": ["a", "b", "c", "d", "e", "f", "a"]}
-    assert data.via_stops(loop, "C", "b", "f") == ["a"]
-    assert data.via_stops(loop, "C", "f", "c") == ["a", "b"]
-    assert data.via_stops(loop, "C", "b", "d") == ["c"]
-    assert data.best_route(loop, "b", "f") == [("C", "b", "f")]
+    assert via_stops(loop, "C", "b", "f") == ["a"]
+    assert via_stops(loop, "C", "f", "c") == ["a", "b"]
+    assert via_stops(loop, "C", "b", "d") == ["c"]
+    assert best_route(loop, "b", "f") == [("C", "b", "f")]
 
 
 # ------------------------------------------------------------------------------------------ questions
@@ -165,7 +168,7 @@ def test_all_types_with_independent_ground_truth(world):
             assert t is not None and s.transfer_count == t == len(s.route) - 1
             check_route(m, s.route, s.station_1, s.station_2)
             assert s.question_difficulty == ["easy", "medium", "hard"][min(t, 2)]
-            assert s.routes == [s.route] and s.answer == data.route_text(s.route)
+            assert s.routes == [s.route] and s.answer == route_text(s.route)
             assert s.question.startswith(f"According to the subway map, how do I get from {s.station_1} to {s.station_2}?")
             assert "Number of Via Stops: x" in s.question_long and "Number of Via Stops" not in s.question
         assert s.question.startswith(("Please solve", "According to the subway map"))
@@ -188,18 +191,18 @@ def test_split_is_by_city(world):
         split_of[s.city].add(s.split)
     assert all(len(v) == 1 for v in split_of.values())
     assert {next(iter(v)) for v in split_of.values()} == {"train", "test"}
-    train, test = data.split_by_city(samples, 0.5, seed=1)
+    train, test = synthetic.split_by_city(samples, 0.5, seed=1)
     assert len(train) + len(test) == len(samples) and not {s.city for s in train} & {s.city for s in test}
 
 
 def test_same_arguments_same_samples_and_pngs(tmp_path):
-    a = data.synthetic_dataset(3, 5, tmp_path / "a", questions_per_type=4, progress=False)
-    b = data.synthetic_dataset(3, 5, tmp_path / "b", questions_per_type=4, progress=False)
+    a = synthetic.synthetic_dataset(3, 5, tmp_path / "a", questions_per_type=4, progress=False)
+    b = synthetic.synthetic_dataset(3, 5, tmp_path / "b", questions_per_type=4, progress=False)
     strip = lambda s: {**dataclasses.asdict(s), "image": Path(s.image).name}  # noqa: E731
     assert [strip(s) for s in a] == [strip(s) for s in b]
     for s in a:
         assert Path(s.image).read_bytes() == (tmp_path / "b" / "maps" / Path(s.image).name).read_bytes()
-    c = data.synthetic_dataset(3, 6, tmp_path / "c", questions_per_type=4, progress=False)
+    c = synthetic.synthetic_dataset(3, 6, tmp_path / "c", questions_per_type=4, progress=False)
     assert [s.question for s in c] != [s.question for s in a]
 
 
@@ -262,7 +265,7 @@ def test_loader_normalises_released_variants(tmp_path):
     assert p.question == "short" and p.question_long == "long" and p.station_2 == "D Station"
     assert p.route == [("Line 1", "A Station", "B Station"), ("Line 2", "B Station", "D Station")] == p.routes[0]
     assert p.transfer_count == 1 and p.question_difficulty == "medium"
-    assert p.answer == data.route_text(p.route)
+    assert p.answer == route_text(p.route)
     # the same rows as a JSON list, and a folder holding SPLIT.json
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "test.json").write_text(json.dumps([{**r, "figure": "../map.png"} for r in rows[:2]]))
@@ -379,7 +382,7 @@ def check_released(samples, sizes):
     assert samples[2].choices == [0, 2, 1, 3] and samples[1].line == "Line 2"
     assert samples[0].station_2 == "C Station" and samples[0].map_difficulty == "middle"
     for s in samples:
-        assert s.metro == data.clean_metro(RM_METROS[s.city]), s.city  # only this city's lines, suffix-free
+        assert s.metro == clean_metro(RM_METROS[s.city]), s.city  # only this city's lines, suffix-free
         assert not any("(" in x or "（" in x for st in s.metro.values() for x in st)
         with Image.open(s.image) as im:
             assert im.size == sizes[s.city]
@@ -388,9 +391,9 @@ def check_released(samples, sizes):
     assert a.question == "short A-E" and a.question_long == "long A-E" and a.transfer_count == 1
     assert a.question_difficulty == "medium"
     assert a.route == [("Line 1", "A Station", "B Station"), ("Line 2", "B Station", "E Station")]
-    assert a.routes == [a.route, a.route] and a.answer == data.route_text(a.route)
+    assert a.routes == [a.route, a.route] and a.answer == route_text(a.route)
     assert b.routes == [[("Red Line", "P Station", "Q Station"), ("Blue Line", "Q Station", "S Station")]]
-    assert b.route == b.routes[0] and b.answer == data.route_text(b.route)
+    assert b.route == b.routes[0] and b.answer == route_text(b.route)
 
 
 SIZES = {"alpha": (5, 3), "beta": (3, 7)}
@@ -490,18 +493,17 @@ def test_huggingface_save_to_disk_folder(tmp_path):
 # ------------------------------------------------------------------------------------------ real metro data
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/reasonmap-metro not present")
 def test_real_metro_files_load_and_routes_agree():
     files = sorted(REAL.glob("*/*.json"))
-    assert len(files) == 30
+    assert sorted(str(f.relative_to(REAL)) for f in files) == sorted(REAL_CITIES)
     rng = random.Random(0)
     for f in files:
-        metro = data.load_metro(f)
+        metro = load_metro(f)
         stations = sorted({s for st in metro.values() for s in st})
         assert not any("Transfer Station" in s or "换乘站" in s or "支线起始站" in s for s in stations), f
-        for _ in range(12):
+        for _ in range(50):  # 4 cities: 200 random pairs
             a, b = rng.sample(stations, 2)
-            route = data.best_route(metro, a, b)
+            route = best_route(metro, a, b)
             t = min_transfers(metro, a, b)
             if t is None:
                 assert route is None, (f.name, a, b)
@@ -510,12 +512,11 @@ def test_real_metro_files_load_and_routes_agree():
                 check_route(metro, route, a, b)
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason="../shared/reasonmap-metro not present")
 def test_questions_on_real_metro_data():
     """The question generators work on real names (Chinese, suffixes stripped, a loop line, gaps)."""
     for city in ("china/shanghai.json", "singapore/singapore.json", "america/new_york.json"):
-        metro = data.load_metro(REAL / city)
-        samples = data.make_questions(metro, random.Random(1), 6, city=city)
+        metro = load_metro(REAL / city)
+        samples = synthetic.make_questions(metro, random.Random(1), 6, city=city)
         assert {s.qtype for s in samples} == set(QTYPES)
         for s in samples:
             if s.qtype == "planning":

@@ -4,20 +4,22 @@ from html.parser import HTMLParser
 
 import pytest
 
-import data
+import cli
 import eval as evaluation
 import rewards
+import synthetic
+from metro import route_text
 
-PLUS_W = {"easy": 1.0, "middle": 1.5, "hard": 2.0}  # SPEC §4, written out here, not read from rewards.py
+PLUS_W = {"easy": 1.0, "middle": 1.5, "hard": 2.0}  # docs/rewardmap.md §6.1, written out here, not read from eval.py
 
 
 @pytest.fixture(scope="module")
 def samples(tmp_path_factory):
-    return data.synthetic_dataset(3, seed=5, out_dir=tmp_path_factory.mktemp("ds"), questions_per_type=3, progress=False)
+    return synthetic.synthetic_dataset(3, seed=5, out_dir=tmp_path_factory.mktemp("ds"), questions_per_type=3, progress=False)
 
 
 def right(s):
-    return data.route_text(s.route) if s.qtype == "planning" else f"The answer is \\boxed{{{s.answer}}}."
+    return route_text(s.route) if s.qtype == "planning" else f"The answer is \\boxed{{{s.answer}}}."
 
 
 def wrong(s):
@@ -89,10 +91,10 @@ def test_html_page_is_self_contained(samples, tmp_path):
     assert parsed.srcs and all(s.startswith("data:image/png;base64,") for s in parsed.srcs)  # no server, no files
     assert "<script>" not in html  # responses are escaped, not executed
     assert "ReasonMap-Plus weighted acc" in "".join(parsed.text)
-    json.dumps({k: v for k, v in summary.items()})  # eval.json is plain JSON
+    json.loads(cli.dumps(summary))  # eval.json is strict JSON
 
 
 def test_scorers_name_the_bad_sample(samples):
     plan = next(s for s in samples if s.qtype == "planning")
     with pytest.raises(ValueError, match=f"sample {plan.id}"):
-        rewards.plus_accuracy([plan], ["no box"])
+        evaluation.plus_accuracy([plan], ["no box"])

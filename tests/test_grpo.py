@@ -1,6 +1,5 @@
 """grpo.py: the math against hand-computed numbers, the batched decode against naive references,
 grpo_step's bookkeeping, and a learning test on the real code path."""
-import copy
 import dataclasses
 import math
 import time
@@ -145,7 +144,7 @@ def test_greedy_decode_matches_transformers_generate(kind, tiny_vlm, tiny_lm, tm
     T = ro.response_ids.shape[1]
     assert torch.equal(ro.response_ids, ref[:, :T])
     # group_size > 1 with greedy: all members of a group equal their prompt's single greedy answer
-    ro4 = grpo.sample_groups(policy, samples, group_size=4, max_new_tokens=12, greedy=True)
+    ro4 = grpo.sample_groups(policy, samples, group_size=4, max_new_tokens=12, temperature=0.0)
     assert torch.equal(ro4.response_ids, ro.response_ids.repeat_interleave(4, 0))
 
 

@@ -82,8 +82,9 @@ def test_text_only_prompt_has_map_as_text(tiny_lm):
 
 
 def _naive_logprobs(policy, samples, rollout):
-    """Each row alone, unpadded, positions computed by transformers itself; full log_softmax."""
-    out = torch.zeros_like(rollout.logprobs)
+    """Each row alone, unpadded, positions computed by transformers itself; full log_softmax.
+    Returns (log-probs of the sampled tokens, entropy of the distribution at each position)."""
+    out, entropy = torch.zeros_like(rollout.logprobs), torch.zeros_like(rollout.logprobs)
     cfg = policy.model.config
     for n in range(rollout.response_ids.shape[0]):
         enc = M.encode_prompts(policy, [samples[int(rollout.prompt_index[n])]])
@@ -94,8 +95,10 @@ def _naive_logprobs(policy, samples, rollout):
             kw = dict(pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"],
                       mm_token_type_ids=(ids == cfg.image_token_id).int())
         logits = policy.model(input_ids=ids, **kw).logits[0, -L - 1 : -1]
-        out[n, :L] = torch.log_softmax(logits.double(), -1).gather(-1, ids[0, -L:, None]).squeeze(-1).float()
-    return out
+        logp = torch.log_softmax(logits.double(), -1)
+        out[n, :L] = logp.gather(-1, ids[0, -L:, None]).squeeze(-1).float()
+        entropy[n, :L] = -(logp.exp() * logp).sum(-1).float()
+    return out, entropy
 
 
 @pytest.mark.parametrize("kind", ["vlm", "lm"])
@@ -106,8 +109,8 @@ def test_response_logprobs_match_naive_on_padded_batches(kind, tiny_vlm, tiny_lm
     g = torch.Generator().manual_seed(0)
     ro = grpo.sample_groups(policy, samples, group_size=2, max_new_tokens=7, generator=g)
     batch = M.join_prompt_response(ro.prompts, ro.prompt_index, ro.response_ids, ro.response_mask)
-    lp, ent = M.response_logprobs(policy.model, batch, return_entropy=True, chunk=5)
-    naive = _naive_logprobs(policy, samples, ro)
+    lp = M.response_logprobs(policy.model, batch, chunk=5)
+    naive, ent = _naive_logprobs(policy, samples, ro)
     m = ro.response_mask
     assert torch.allclose(lp * m, naive * m, atol=1e-4), (lp * m - naive * m).abs().max()
     assert torch.allclose(ro.logprobs * m, naive * m, atol=1e-4)  # the decode loop's own log-probs

@@ -1,61 +1,31 @@
-"""Hand-worked examples for rewards.py: every branch of the correctness check (SPEC §3.1), of both detail
-variants (SPEC §3.2), the Plus answer rules, the difficulty weight and the evaluation scorers (SPEC §4).
+"""Hand-worked examples for rewards.py: every branch of the correctness check (docs/rewardmap.md §3.3), of both
+detail variants (§3.4, §3.5), the Plus answer rules and the difficulty weight (§3.6).
 
-The paper's own examples use the real Singapore metro file from ../shared (skipped when absent)."""
+The paper's own examples use the real Singapore metro file shipped under tests/data/."""
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import pytest
 
-from conftest import SHARED_METRO as SHARED
-from data import Sample, best_route, lines_through, load_metro, route_text, via_stops
+from conftest import CHAIN, ans, plus_sample
+from metro import Sample, best_route, route_text, station_lines, via_stops
 from rewards import (
-    REASONMAP_PLUS_WEIGHTS,
-    REASONMAP_WEIGHTS,
     RewardConfig,
     boxed_answers,
     detail_reward,
     difficulty_weight,
     is_correct,
-    map_score,
     normalize_line,
     normalize_station,
     parse_segments,
     planning_correct,
-    planning_scores,
-    plus_accuracy,
     reward,
 )
 
 
-@pytest.fixture(scope="module")
-def sg():
-    path = SHARED / "singapore" / "singapore.json"
-    if not path.exists():
-        pytest.skip("../shared/reasonmap-metro not available")
-    return load_metro(path)
-
-
-def ans(*segments):
-    """Answer text from (line, dep, arr) triples."""
-    return route_text(list(segments))
-
-
-# A hand-made chain city: Line k runs from the k-th to the (k+1)-th interchange.
-CHAIN = {
-    "Line 1": ["A", "B", "C"],
-    "Line 2": ["C", "D", "E"],
-    "Line 3": ["E", "F", "G"],
-    "Line 4": ["G", "H", "I"],
-    "Line 5": ["I", "J", "K"],
-    "Line 6": ["K", "L", "M"],
-    "Loop": ["A", "M"],
-}
-
 # ---------------------------------------------------------------------------------------------------
-# Name normalisation (SPEC §3.1)
+# Name normalisation (docs/rewardmap.md §3.3)
 
 
 def test_station_normalisation():
@@ -97,7 +67,7 @@ def test_parse_long_template_fields():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Correctness (SPEC §3.1): one test per condition
+# Correctness (docs/rewardmap.md §3.3): one test per condition
 
 
 def test_correct_route_and_each_failure(sg):
@@ -141,7 +111,7 @@ def test_non_optimal_but_valid_route_is_correct():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Detail reward, paper variant (SPEC §3.2, Algorithm 1 as printed): Somerset -> Bras Basah, 1 transfer
+# Detail reward, paper variant (docs/rewardmap.md §3.4, Algorithm 1 as printed): Somerset -> Bras Basah, 1 transfer
 
 
 @pytest.mark.parametrize(
@@ -176,7 +146,7 @@ def test_detail_paper_light_route_names():
 
 
 # ---------------------------------------------------------------------------------------------------
-# Detail reward, released variant (SPEC §3.2)
+# Detail reward, released variant (docs/rewardmap.md §3.5)
 
 
 def released(text, metro, s1, s2, t):
@@ -222,10 +192,6 @@ def test_detail_rejects_unknown_variant():
 # The paper's Singapore examples (ReasonMap-Plus questions and the planning reward)
 
 
-def plus_sample(qtype, answer, difficulty="easy", **kw):
-    return Sample(id="x", qtype=qtype, question="", answer=answer, image=None, metro={}, map_difficulty=difficulty, **kw)
-
-
 def test_paper_example_clarke_quay_farrer_park(sg):
     inner = via_stops(sg, "North East Line", "Clarke Quay Station", "Farrer Park Station")
     assert inner == ["Dhoby Ghaut Station", "Little India Station"]
@@ -241,7 +207,8 @@ def test_paper_example_clarke_quay_farrer_park(sg):
 
 
 def test_paper_example_somerset_bras_basah(sg):
-    assert not set(lines_through(sg, "Somerset Station")) & set(lines_through(sg, "Bras Basah Station"))
+    lines = station_lines(sg)
+    assert not set(lines["Somerset Station"]) & set(lines["Bras Basah Station"])
     s = plus_sample("torf1", "no", "middle", station_1="Somerset Station", station_2="Bras Basah Station")
     r = reward(s, "Somerset is on the North South Line, Bras Basah on the Circle Line. \\boxed{No}")
     assert (r.format, r.correctness, r.detail, r.weight, r.total) == (1, 10, 0, 1.2, 1.2 * 11)
@@ -364,85 +331,3 @@ def test_reward_transfer_count_fallback(sg):
 def test_reward_rejects_unknown_qtype():
     with pytest.raises(ValueError):
         reward(plus_sample("riddle", "yes"), "\\boxed{yes}")
-
-
-# ---------------------------------------------------------------------------------------------------
-# Evaluation scorers (SPEC §4)
-
-
-def test_weight_tables_match_spec():
-    assert REASONMAP_PLUS_WEIGHTS == {"easy": 1.0, "middle": 1.5, "hard": 2.0}
-    assert REASONMAP_WEIGHTS[("easy", "easy")] == 1.0 and REASONMAP_WEIGHTS[("hard", "hard")] == 3.0
-    assert REASONMAP_WEIGHTS[("medium", "easy")] == REASONMAP_WEIGHTS[("easy", "middle")] == 1.5
-    assert len(REASONMAP_WEIGHTS) == 9
-
-
-def test_plus_accuracy():
-    samples = [plus_sample("torf1", "yes", "easy"), plus_sample("counting2", "4", "hard"),
-               plus_sample("counting1", "A", "middle"), plus_sample("torf2", "no", "hard")]  # fmt: skip
-    responses = ["\\boxed{yes}", "\\boxed{5}", "\\boxed{A}", "\\boxed{yes}"]
-    out = plus_accuracy(samples, responses)
-    assert out["correct"] == [True, False, True, False]
-    assert out["weighted_acc"] == pytest.approx((1.0 + 1.5) / (1.0 + 2.0 + 1.5 + 2.0))
-    assert out["count"] == pytest.approx(1.5 / 3.5)
-    assert out["torf"] == pytest.approx(1.0 / 3.0)
-    assert out["acc"] == 0.5 and out["n"] == 4
-    assert out["per_type"]["counting1"] == 1.0 and "counting3" not in out["per_type"]
-    assert math.isnan(plus_accuracy([], [])["weighted_acc"])
-    with pytest.raises(ValueError):
-        plus_accuracy(samples, responses[:2])
-
-
-def test_map_score_short(sg):
-    s1, s2 = "Somerset Station", "Bras Basah Station"
-    ref = [("North South Line", "Somerset Station", "Dhoby Ghaut Station"), ("Circle Line", "Dhoby Ghaut Station", "Bras Basah Station")]
-    assert map_score(route_text(ref), sg, s1, s2, [ref]) == 1 + 4 + 4 + 10  # ends, 2 pairs, correct
-    other = [("North South Line", "Somerset Station", "City Hall Station"), ("East West Line", "City Hall Station", "Bugis Station")]
-    wrong = ans(("North South Line", "Somerset", "Dhoby Ghaut"), ("Downtown Line", "Dhoby Ghaut", "Bras Basah"))
-    assert map_score(wrong, sg, s1, s2, [ref]) == 1 + 4 + 1 + 1  # second pair: line differs, stops match
-    assert map_score(wrong, sg, s1, s2, [other, ref]) == 7  # best over references
-    assert map_score(wrong, sg, s1, s2, [other]) == 1 + 3 + 0  # pair 1: line + departure
-    assert map_score(ans(("North South Line", "Somerset", "Orchard")), sg, s1, s2, [ref]) == 0  # ends wrong
-    assert map_score("", sg, s1, s2, [ref]) == 0
-
-
-def test_map_score_short_cap():
-    route = [(f"Line {k}", s, e) for k, (s, e) in enumerate(zip("ACE", "CEG"), start=1)]
-    assert map_score(route_text(route), CHAIN, "A", "G", [route]) == 10 + 10  # 1 + 12 capped at 10
-
-
-def test_map_score_long_variants(sg):
-    s1, s2 = "Clarke Quay Station", "Farrer Park Station"
-    ref = [("North East Line", s1, s2)]
-    base = "Route Name: North East Line\nDeparture Stop: Clarke Quay Station\nArrival Stop: Farrer Park Station\n"
-    assert map_score(base + "Number of Via Stops: 2", sg, s1, s2, [ref], via="count") == 1 + 4 + 4 + 20
-    assert map_score(base + "Number of Via Stops: 3", sg, s1, s2, [ref], via="count") == 1 + 4 + 2 + 20
-    assert map_score(base + "Number of Via Stops: 9", sg, s1, s2, [ref], via="count") == 1 + 4 + 0 + 20
-    assert map_score(base, sg, s1, s2, [ref], via="count") == 1 + 4 + 0 + 20  # missing count reads as 0
-    full = base + "Via Stops: Dhoby Ghaut Station, Little India Station"
-    assert map_score(full, sg, s1, s2, [ref], via="list") == 1 + 4 + (10 * 1 + 2) / 2 + 20
-    half = base + "Via Stops: Dhoby Ghaut"
-    assert map_score(half, sg, s1, s2, [ref], via="list") == 1 + 4 + (10 * 0.5 + 1) / 2 + 20
-    assert route_text(ref, via=sg).endswith("Number of Via Stops: 2")
-    with pytest.raises(ValueError):
-        map_score(base, sg, s1, s2, [ref], via="both")
-
-
-def test_planning_scores(sg):
-    def sample(s1, s2, qd, md, long_q=None):
-        route = best_route(sg, s1, s2)
-        return Sample(id="p", qtype="planning", question="", answer=route_text(route), image=None, metro=sg,
-                      map_difficulty=md, station_1=s1, station_2=s2, question_difficulty=qd,
-                      transfer_count=len(route) - 1, route=route, routes=[route], question_long=long_q)  # fmt: skip
-
-    a = sample("Clarke Quay Station", "Farrer Park Station", "easy", "hard")  # weight 2.0
-    b = sample("Somerset Station", "Bras Basah Station", "medium", "hard")  # weight 2.5
-    out = planning_scores([a, b], [a.answer, "I don't know"])
-    assert out["correct"] == [True, False]
-    assert out["weighted_acc"] == pytest.approx(2.0 / 4.5) and out["acc"] == 0.5
-    assert out["weighted_map_score"] == pytest.approx(2.0 * 15 / 4.5)  # (1 + 4) + 10 for a, 0 for b
-    long_a = route_text(a.route, via=sg)
-    out = planning_scores([a], [long_a], long=True)
-    assert out["weighted_map_score"] == 1 + 4 + 4 + 20
-    a.question_difficulty = None  # derived from transfers: 0 -> easy
-    assert planning_scores([a], [a.answer])["weighted_acc"] == 1.0

@@ -33,7 +33,8 @@ def comparable(row: dict) -> dict:
 @pytest.mark.parametrize("stage", ["judgement", "counting", "planning"])
 def test_each_stage_runs_and_logs(tmp_path, stage):
     out = tmp_path / "run"
-    summaries = train.main(small_args(tmp_path, "--stage", stage, "--max-steps-per-stage", "2", "--out", str(out))) or {}
+    summaries = train.main(small_args(tmp_path, "--stage", stage, "--max-steps-per-stage", "2", "--out", str(out)))
+    assert list(summaries) == [stage] and summaries[stage]["n"] == 8  # --eval-samples 8
     log = rows(out / "metrics.jsonl")
     assert [r["step"] for r in log] == [0, 1] and {r["stage"] for r in log} == {stage}
     for key in ("reward/total", "reward/format", "reward/correctness", "reward/detail", "reward/accuracy",
@@ -41,7 +42,7 @@ def test_each_stage_runs_and_logs(tmp_path, stage):
         assert key in log[0], key
     assert json.loads((out / "config.json").read_text())["stage"] == stage
     assert (out / "curves.png").stat().st_size > 1000
-    assert (out / f"eval_{stage}.json").exists()
+    assert json.loads((out / f"eval_{stage}.json").read_text())["n"] == 8
     assert (out / "model" / "config.json").exists()
 
 
@@ -88,7 +89,7 @@ def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path):
-    with pytest.raises(SystemExit, match="no checkpoint"):
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
         train.main(small_args(tmp_path, "--out", str(tmp_path / "empty"), "--resume"))
 
 

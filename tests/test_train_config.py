@@ -1,5 +1,6 @@
 """train.py's config: flags generated from the dataclass, presets, early errors naming the flag."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -44,7 +45,7 @@ def test_paper_preset_and_explicit_flags_win():
     (["--batch-size", "0"], "--batch-size"),
 ])
 def test_bad_values_name_the_flag(argv, message):
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(ValueError, match=message):
         train.parse_args(argv)
 
 
@@ -62,15 +63,44 @@ def test_stage_budget_by_stage():
 
 @pytest.mark.parametrize("argv", [["--kl-coef", "-0.1"], ["--clip-eps", "0"], ["--top-p", "1.5"], ["--temperature", "-1"]])
 def test_out_of_range_values_are_rejected(argv):
-    with pytest.raises(SystemExit, match=argv[0]):
+    with pytest.raises(ValueError, match=argv[0]):
         train.parse_args(argv)
 
 
 def test_resume_refuses_other_settings(tmp_path):
-    saved = __import__("dataclasses").asdict(train.parse_args([]))
+    saved = dataclasses.asdict(train.parse_args([]))
     train.check_resume_config(train.parse_args(["--eval-every", "5"]), saved, tmp_path)  # harmless change
-    with pytest.raises(SystemExit, match=r"--gammas \(1.0, 1.2, 1.5\) -> \(1.0, 2.0, 3.0\); --lr 0.002 -> 0.001"):
+    with pytest.raises(ValueError, match=r"--gammas \(1.0, 1.2, 1.5\) -> \(1.0, 2.0, 3.0\); --lr 0.002 -> 0.001"):
         train.check_resume_config(train.parse_args(["--lr", "1e-3", "--gammas", "1", "2", "3"]), saved, tmp_path)
+
+
+def _changed(value):
+    """A different value of the same type."""
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return tuple(v + 1 for v in value)
+    return value + "-other"
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.TrainConfig)])
+def test_every_field_is_classified_for_resume(field, tmp_path):
+    """A field is either allowed to change on resume (MAY_CHANGE_ON_RESUME) or a change refuses the resume,
+    naming the flag: a new flag cannot escape the check."""
+    base = train.TrainConfig()
+    saved = dataclasses.asdict(base)
+    changed = dataclasses.replace(base, **{field: _changed(getattr(base, field))})
+    if field in train.MAY_CHANGE_ON_RESUME:
+        train.check_resume_config(changed, saved, tmp_path)
+    else:
+        with pytest.raises(ValueError, match="--" + field.replace("_", "-")):
+            train.check_resume_config(changed, saved, tmp_path)
+
+
+def test_may_change_on_resume_names_real_fields():
+    assert set(train.MAY_CHANGE_ON_RESUME) <= {f.name for f in dataclasses.fields(train.TrainConfig)}
 
 
 def test_truncate_metrics_drops_later_and_cut_lines(tmp_path):
@@ -82,7 +112,7 @@ def test_truncate_metrics_drops_later_and_cut_lines(tmp_path):
 
 def test_readme_flags_table_matches_the_config():
     """The README's flags table is TrainConfig's fields, defaults and help (so it cannot drift)."""
-    readme = (__import__("pathlib").Path(__file__).resolve().parents[1] / "README.md").read_text()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     for f in dataclasses.fields(train.TrainConfig):
         d = f.default
         d = ("on" if d else "off") if isinstance(d, bool) else " ".join(map(str, d)) if isinstance(d, tuple) \

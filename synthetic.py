@@ -1,0 +1,251 @@
+"""The synthetic transit-map world's questions: all six types asked about seeded cities (docs/rewardmap.md §2.4).
+
+maps.py generates each city's network and draws its map; this module asks the questions (the ReasonMap /
+ReasonMap-Plus templates of docs/rewardmap.md §2.2, answers computed from the metro data) and splits the
+cities into train / test.
+
+    samples = synthetic_dataset(30, seed=0, out_dir="data_out")   # maps under data_out/maps/
+    make_questions(metro, random.Random(0), 20)                   # questions about any metro data
+"""
+from __future__ import annotations
+
+import random
+import zlib
+from pathlib import Path
+
+from tqdm import tqdm
+
+from maps import generate_city, render_map
+from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_text,
+                   station_lines, via_stops)
+
+# ---------------------------------------------------------------------------------------------------
+# question templates (docs/rewardmap.md §2.2, verbatim; the answer goes in \boxed{})
+
+TEMPLATES = {
+    "counting1": 'Please solve the multiple choice problem and put your answer (one of ABCD) in one "\\boxed{}". '
+    "According to the subway map, how many intermediate stops are there between {stop1} and {stop2} "
+    "(except for this two stops)? \nA) {a} \nB) {b} \nC) {c} \nD) {d} \n",
+    "counting2": 'Please solve the problem and put your answer in one "\\boxed{}". '
+    "According to the subway map, how many lines pass through {stop1}?",
+    "counting3": 'Please solve the problem and put your answer in one "\\boxed{}". '
+    "According to the subway map, how many subway (metro) lines are there in total?",
+    "torf1": 'Please solve the problem and put your answer (only answer yes or no) in one "\\boxed{}". '
+    "According to the subway map, is it true that {stop1} is the same line as {stop2}?",
+    "torf2": 'Please solve the problem and put your answer (only answer yes or no) in one "\\boxed{}". '
+    "According to the subway map, is it true that {stop1} is on the line {line}?",
+}
+_SEGMENT = "Route Name: Line x\nDeparture Stop: xx Station\nArrival Stop: xx Station"
+_SEGMENT_LONG = _SEGMENT + "\nNumber of Via Stops: x"
+PLANNING_SHORT = (
+    "According to the subway map, how do I get from {stop1} to {stop2}? Provide only one optimal route, with only "
+    "the line name and the departure and arrival stations. The format should be strictly followed:\n"
+    + f"{_SEGMENT}\n--\n{_SEGMENT}"
+)
+# Long template 1: the same question, each segment also giving its number of via stops.
+PLANNING_LONG = (
+    "According to the subway map, how do I get from {stop1} to {stop2}? Provide only one optimal route, with the "
+    "line name, the departure and arrival stations, and the number of via stops. The format should be strictly "
+    "followed:\n" + f"{_SEGMENT_LONG}\n--\n{_SEGMENT_LONG}"
+)
+
+
+def fill(template: str, **values) -> str:
+    """Put values into a template's `{name}` slots (str.format would choke on the literal `\\boxed{}`)."""
+    for key, value in values.items():
+        template = template.replace("{" + key + "}", str(value))
+    return template
+
+
+# ---------------------------------------------------------------------------------------------------
+# question generation from metro data. Each generator returns dicts of qtype-specific Sample fields.
+
+
+def _balanced(rng: random.Random, yes: list, no: list, n: int) -> list[tuple[object, str]]:
+    """n items, half with answer yes and half no (the odd one by a coin flip); fewer if a side runs short."""
+    n_yes = n // 2 + (n % 2 and rng.random() < 0.5)
+    if len(yes) < n_yes or len(no) < n - n_yes:  # keep the balance rather than the count
+        n_yes = min(len(yes), len(no), n // 2)
+        n = 2 * n_yes
+    items = [(x, "yes") for x in rng.sample(yes, n_yes)] + [(x, "no") for x in rng.sample(no, n - n_yes)]
+    rng.shuffle(items)
+    return items
+
+
+def _torf1(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    lines_at = station_lines(metro)
+    stations = sorted(lines_at)
+    yes, no = [], []
+    for i, a in enumerate(stations):
+        for b in stations[i + 1 :]:
+            (yes if set(lines_at[a]) & set(lines_at[b]) else no).append((a, b))
+    out = []
+    for (a, b), ans in _balanced(rng, yes, no, n):
+        if rng.random() < 0.5:
+            a, b = b, a
+        out.append(dict(question=fill(TEMPLATES["torf1"], stop1=a, stop2=b), answer=ans, station_1=a, station_2=b))
+    return out
+
+
+def _torf2(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    lines_at = station_lines(metro)
+    yes = [(s, line) for s in sorted(lines_at) for line in metro if line in lines_at[s]]
+    no = [(s, line) for s in sorted(lines_at) for line in metro if line not in lines_at[s]]
+    return [dict(question=fill(TEMPLATES["torf2"], stop1=s, line=line), answer=ans, station_1=s, line=line)
+            for (s, line), ans in _balanced(rng, yes, no, n)]
+
+
+def _loop_tie(metro: Metro, line: str, a: str, b: str) -> bool:
+    """True when a and b sit opposite each other on a loop line: both ways round are equally long."""
+    st = metro[line]
+    if not (len(st) > 2 and st[0] == st[-1]):
+        return False
+    ring = st[:-1]
+    d = (ring.index(b) - ring.index(a)) % len(ring)
+    return d == len(ring) - d
+
+
+def _counting1(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    lines_at = station_lines(metro)
+    stations = sorted(lines_at)
+    pairs = []
+    for i, a in enumerate(stations):
+        for b in stations[i + 1 :]:
+            shared = [line for line in lines_at[a] if line in lines_at[b]]
+            if not shared or any(_loop_tie(metro, line, a, b) for line in shared):
+                continue
+            # several shared lines must agree on the count, or the question would have two answers
+            if len({len(via_stops(metro, line, a, b)) for line in shared}) == 1:
+                pairs.append((a, b, shared[0]))
+    # the right letter cycles evenly over A-D; a pair can take letter k only if k smaller counts exist
+    rng.shuffle(pairs)
+    letters = [k % 4 for k in range(min(n, len(pairs)))]
+    rng.shuffle(letters)
+    out = []
+    for k in letters:
+        pick = next((p for p in pairs if len(via_stops(metro, p[2], p[0], p[1])) >= k), pairs[0])
+        pairs.remove(pick)
+        a, b, line = pick if rng.random() < 0.5 else (pick[1], pick[0], pick[2])
+        inner = via_stops(metro, line, a, b)
+        count = len(inner)
+        k = min(k, count)
+        # choices ascending, the right one at letter k: k smaller distractors and 3 - k larger ones
+        choices = sorted(rng.sample(range(max(0, count - 6), count), k) + [count]
+                         + rng.sample(range(count + 1, count + 7), 3 - k))
+        out.append(dict(question=fill(TEMPLATES["counting1"], stop1=a, stop2=b, a=choices[0], b=choices[1],
+                                      c=choices[2], d=choices[3]),
+                        answer=LETTERS[k], station_1=a, station_2=b, choices=choices, extra={"via_stops": inner}))
+    return out
+
+
+def _counting2(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    lines_at = station_lines(metro)
+    inter = sorted(s for s, ls in lines_at.items() if len(ls) > 1)
+    plain = sorted(s for s, ls in lines_at.items() if len(ls) == 1)
+    k = min(len(inter), n // 2)  # half interchanges, so that "1" is not almost always right
+    picked = rng.sample(inter, k) + rng.sample(plain, min(len(plain), n - k))
+    rng.shuffle(picked)
+    return [dict(question=fill(TEMPLATES["counting2"], stop1=s), answer=str(len(lines_at[s])), station_1=s)
+            for s in picked]
+
+
+def _counting3(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    return [dict(question=TEMPLATES["counting3"], answer=str(len(metro)))]  # one per map
+
+
+def _planning(metro: Metro, rng: random.Random, n: int) -> list[dict]:
+    """Pairs with a route, spread over 0 / 1 / >= 2 transfers where the network allows; no-route pairs skipped."""
+    stations = sorted(station_lines(metro))
+    buckets: list[list] = [[], [], []]
+    seen = set()
+    for _ in range(8 * n):
+        a, b = rng.sample(stations, 2)
+        if (a, b) in seen:
+            continue
+        seen.add((a, b))
+        route = best_route(metro, a, b)
+        if route:  # None: no route (disconnected lines) -> never asked
+            buckets[min(len(route) - 1, 2)].append((a, b, route))
+    picked = []
+    while len(picked) < n and any(buckets):
+        for bucket in buckets:
+            if bucket and len(picked) < n:
+                picked.append(bucket.pop(0))
+    rng.shuffle(picked)
+    out = []
+    for a, b, route in picked:
+        out.append(dict(question=fill(PLANNING_SHORT, stop1=a, stop2=b),
+                        question_long=fill(PLANNING_LONG, stop1=a, stop2=b),
+                        answer=route_text(route), station_1=a, station_2=b, route=route, routes=[route],
+                        transfer_count=len(route) - 1, question_difficulty=question_difficulty(len(route) - 1)))
+    return out
+
+
+_GENERATORS = {"torf1": _torf1, "torf2": _torf2, "counting1": _counting1, "counting2": _counting2,
+               "counting3": _counting3, "planning": _planning}
+
+
+def make_questions(metro: Metro, rng: random.Random, questions_per_type: int = 20, *, city: str = "",
+                   country: str = "", image: str | None = None, map_difficulty: str = "easy") -> list[Sample]:
+    """Questions of all six types about one map, answers computed from `metro` (one counting3 per map)."""
+    lines_at = station_lines(metro)
+    city_info = {"city_line_count": len(metro), "city_transfer_count": sum(len(ls) > 1 for ls in lines_at.values())}
+    samples = []
+    for qtype in QTYPES:
+        for k, fields in enumerate(_GENERATORS[qtype](metro, rng, questions_per_type)):
+            extra = {**city_info, **fields.pop("extra", {})}
+            samples.append(Sample(id=f"{city}-{qtype}-{k:03d}", qtype=qtype, image=image, metro=metro, city=city,
+                                  country=country, map_difficulty=map_difficulty, extra=extra, **fields))
+    return samples
+
+
+# ---------------------------------------------------------------------------------------------------
+# the synthetic dataset
+
+
+def split_by_city(samples: list[Sample], test_fraction: float = 0.37, seed: int = 0) -> tuple[list[Sample], list[Sample]]:
+    """Set `split` on every sample, whole cities at a time, and return (train, test).
+
+    ReasonMap-Plus holds out 11 of its 30 cities (0.37). Test cities are drawn round-robin over map
+    difficulties so that both splits see every difficulty when there are enough cities; with two or
+    more cities each split gets at least one.
+    """
+    difficulty = {s.city: s.map_difficulty for s in samples}
+    rng = random.Random(f"rewardmap-split:{seed}")
+    groups = [sorted(c for c, d in difficulty.items() if d == level) for level in MAP_DIFFICULTIES]
+    groups.append(sorted(c for c, d in difficulty.items() if d not in MAP_DIFFICULTIES))
+    for g in groups:
+        rng.shuffle(g)
+    order = [g[k] for k in range(max(map(len, groups), default=0)) for g in groups if k < len(g)]
+    n = len(order)
+    k = min(max(round(test_fraction * n), 1), n - 1) if n >= 2 else 0
+    test_cities = set(order[:k])
+    for s in samples:
+        s.split = "test" if s.city in test_cities else "train"
+    return [s for s in samples if s.split == "train"], [s for s in samples if s.split == "test"]
+
+
+def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_per_type: int = 20,
+                      test_fraction: float = 0.37, progress: bool = True) -> list[Sample]:
+    """Generate `n_cities` synthetic cities, draw their maps under `out_dir/maps/`, ask questions.
+
+    Map difficulty cycles easy, middle, hard, so every difficulty appears from 3 cities on. Each city
+    gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
+    too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
+    samples and byte-identical PNGs.
+    """
+    out_dir = Path(out_dir)
+    samples: list[Sample] = []
+    slugs: set[str] = set()
+    for i in tqdm(range(n_cities), desc="cities", disable=not progress or n_cities < 5):
+        difficulty = MAP_DIFFICULTIES[i % len(MAP_DIFFICULTIES)]
+        city = generate_city(zlib.crc32(f"{seed}:{i}".encode()), difficulty)
+        slug = city.slug if city.slug not in slugs else f"{city.slug}{i}"
+        slugs.add(slug)
+        image = out_dir / "maps" / f"{slug}.png"
+        render_map(city, image)
+        rng = random.Random(f"rewardmap-questions:{seed}:{i}")
+        samples += make_questions(city.metro, rng, questions_per_type, city=slug, country="synthetic",
+                                  image=str(image), map_difficulty=difficulty)
+    split_by_city(samples, test_fraction, seed)
+    return samples
