@@ -67,6 +67,8 @@ QWEN25_VL = {
 
 @dataclasses.dataclass
 class Workload:
+    """One benchmark setting: model kind and size, prompts x G x new tokens, memory savers."""
+
     name: str
     kind: str  # "text" (tiny Qwen2), "vlm" (tiny Qwen2.5-VL), "shape" (real Qwen2.5-VL architecture)
     prompts: int = 4  # prompts per step
@@ -141,6 +143,7 @@ def count_shape_params(arch: str) -> dict:
 
 
 def make_policy(w: Workload, device: torch.device, cache_dir: Path):
+    """The workload's policy: the tiny model, or the real architecture with random bf16 weights on the GPU."""
     import model as M
 
     if w.kind in ("text", "vlm"):
@@ -170,12 +173,14 @@ def force_full_length(policy):
 # ----------------------------------------------------------------------------- measuring
 
 def peak_memory_mb(device: torch.device) -> float:
+    """Peak memory so far: max_memory_allocated on CUDA, the process's peak RSS on CPU."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def stats(xs: list[float]) -> dict:
+    """Median, min and max."""
     return {"median": statistics.median(xs), "min": min(xs), "max": max(xs)} if xs else {}
 
 
@@ -304,6 +309,7 @@ def gpu_figures(ours: OurRunner, args) -> dict:
 # ----------------------------------------------------------------------------- report
 
 def report(ours: OurRunner, trl: dict | None, gpu: dict | None, args, peak_mb: float) -> dict:
+    """Print the table and the JSON line; return the figures."""
     r = ours.records
     rows = {"rollout s": "time/rollout", "scoring s": "time/scoring", "log-probs s": "time/logprobs",
             "update s": "time/update", "step s": "time/step", "completion tok/s": "completion_tokens_per_sec",
@@ -345,6 +351,7 @@ def report(ours: OurRunner, trl: dict | None, gpu: dict | None, args, peak_mb: f
 
 
 def main(argv=None) -> dict:
+    """The command line: build the workload, warm up, time the steps (and TRL's), report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="tiny-text", choices=sorted(WORKLOADS))
     ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")

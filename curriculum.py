@@ -15,9 +15,10 @@ from __future__ import annotations
 import random
 from typing import Sequence, TypeVar
 
+from metro import PLUS_QTYPES, QTYPES
+
 T = TypeVar("T")  # anything with a `.qtype` attribute (a data.Sample)
 
-PLUS_TYPES = ("torf1", "torf2", "counting1", "counting2", "counting3")
 VARIANTS = ("fine", "coarse", "none")
 
 # variant -> ordered stages; each stage is a list of groups, each group shuffled on its own and the
@@ -29,11 +30,11 @@ STAGES: dict[str, list[tuple[str, list[tuple[str, ...]]]]] = {
         ("planning", [("planning",)]),
     ],
     "coarse": [
-        ("perception", [PLUS_TYPES]),
+        ("perception", [PLUS_QTYPES]),
         ("planning", [("planning",)]),
     ],
     "none": [
-        ("all", [PLUS_TYPES + ("planning",)]),
+        ("all", [QTYPES]),
     ],
 }
 

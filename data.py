@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 import cli
-from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TYPE_NAMES, Metro, Sample, Segment,
+from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, TYPE_NAMES, Metro, Sample, Segment,
                    best_route, clean_metro, load_metro, question_difficulty, route_text, station_lines, strip_suffix,
                    via_stops)
 from synthetic import synthetic_dataset
@@ -68,7 +68,7 @@ def sample_to_row(s: Sample, figure: str, metro_json: str) -> dict:
         row["routes"] = {f"plan_{k + 1}": _route_plan(s.metro, r) for k, r in enumerate(s.routes or [])}
     else:
         row["question"] = s.question
-        if s.qtype in ("torf1", "torf2"):
+        if s.qtype in TORF_QTYPES:
             row["answer"] = 1 if s.answer == "yes" else 0
         elif s.qtype == "counting1":
             row["answer"] = LETTERS.index(s.answer)
@@ -141,7 +141,7 @@ def normalise_qtype(value) -> str:
 
 def normalise_answer(qtype: str, value) -> str:
     """Answers as our rewards compare them: yes/no (torf), A-D (counting1, 0-3 in the released data), integers."""
-    if qtype in ("torf1", "torf2"):
+    if qtype in TORF_QTYPES:
         text = str(value).strip().lower()
         if isinstance(value, float) and value in (0.0, 1.0):
             text = str(int(value))

@@ -134,7 +134,7 @@ def _sample_token(logits: Tensor, temperature: float, top_p: float, generator) -
 
 
 def _expanded_static_cache(model, prefill_cache, group_size: int, max_len: int):
-    """The prompts' KV cache repeated G-fold into a preallocated StaticCache of `max_len` positions.
+    """[speed] The prompts' KV cache repeated G-fold into a preallocated StaticCache of `max_len` positions.
 
     A DynamicCache grows by torch.cat every decode step, copying the whole cache each time (~40% of a
     tiny model's decode time on CPU); the static one writes each new key/value in place.
@@ -170,6 +170,7 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
     try:
         prompts = encode_prompts(policy, samples)
         out = forward_logits(model, prompts, use_cache=True, logits_to_keep=1)
+        # [speed] the prompts are prefilled once and their cache expanded G-fold into a preallocated static cache
         cache = _expanded_static_cache(model, kv_cache(out), G, prompts["input_ids"].shape[1] + max_new_tokens)
         logits = out.logits[:, -1].repeat_interleave(G, 0)
         B, N = len(samples), len(samples) * G
@@ -198,10 +199,10 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
             mask[:, t] = (~done).float()
             logps[:, t] = torch.where(done, 0.0, logits.gather(-1, nxt[:, None]).squeeze(-1) - lse)
             done |= nxt == policy.eos_id
-            # "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token)
+            # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token)
             if (t + 1) % check_every == 0 and bool(done.all()):
                 break
-        steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # trim steps run after the last end
+        steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # [speed] trim steps after the last end
         tokens, logps, mask, entropy = tokens[:, :steps], logps[:, :steps], mask[:, :steps], entropy[:, :steps]
         lengths = mask.sum(1).long().tolist()
         texts = policy.tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],

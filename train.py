@@ -45,6 +45,8 @@ def _f(default, help, **kw):
 
 @dataclass
 class TrainConfig:
+    """Everything a training run depends on; each field is a command-line flag (`--field-name`)."""
+
     # what to train on
     stage: str = _f("all", "stage(s) to run: judgement | counting | planning | all (coarse: perception | planning; none: all)")
     curriculum: str = _f("fine", "curriculum variant: fine (RewardMap) | coarse (all Plus types, then planning) | none (all shuffled)")
@@ -148,12 +150,14 @@ def check_config(cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------ the components' configs
 
 def reward_config(cfg: TrainConfig) -> rewards.RewardConfig:
+    """The reward settings of the run (docs/rewardmap.md §3)."""
     return rewards.RewardConfig(alpha=cfg.alpha, use_detail=not cfg.no_detail_reward,
                                 use_difficulty=not cfg.no_difficulty_weight, gammas=tuple(cfg.gammas),
                                 betas=tuple(cfg.betas), detail_variant=cfg.detail_variant)
 
 
 def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
+    """The GRPO settings of one stage (docs/rewardmap.md §4); planning stages get the planning token budget."""
     tokens = cfg.planning_max_new_tokens if stage in ("planning", "all") else cfg.max_new_tokens
     return grpo.GRPOConfig(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=tokens, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
@@ -207,6 +211,7 @@ def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, po
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The checkpoint `checkpoints/latest` points to, or None."""
     pointer = out / "checkpoints" / "latest"
     return out / "checkpoints" / pointer.read_text().strip() if pointer.exists() else None
 
