@@ -26,9 +26,9 @@ from collections import Counter
 from pathlib import Path
 
 import cli
-from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, TYPE_NAMES, Metro, Sample, Segment,
-                   best_route, clean_metro, load_metro, question_difficulty, route_text, station_lines, strip_suffix,
-                   via_stops)
+from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, TYPE_NAMES, Metro, Sample,
+                   Segment, best_route, clean_metro, load_metro, question_difficulty, route_plan, route_text,
+                   station_lines, strip_suffix)
 from synthetic import synthetic_dataset
 
 SYNTHETIC_CITIES = 60  # the default run's synthetic world: one pass over it is ~190 GRPO steps per Plus stage
@@ -45,16 +45,6 @@ def _metro_file(metro: Metro) -> dict[str, list[str]]:
             for line, stations in metro.items()}
 
 
-def _route_plan(metro: Metro, route: list[Segment]) -> list[dict]:
-    """A route in the released `routes` shape: one dict per segment."""
-    out = []
-    for line, dep, arr in route:
-        inner = via_stops(metro, line, dep, arr) or []
-        out.append({"route_name": line, "departure_stop": dep, "arrival_stop": arr, "via_stops": inner,
-                    "num_via_stops": len(inner)})
-    return out
-
-
 def sample_to_row(s: Sample, figure: str, metro_json: str) -> dict:
     """One exported row: released field names and answer encodings (TorF 1/0, Counting1 0-3)."""
     row = {"id": s.id, "country": s.country, "city": s.city, "type": TYPE_NAMES[s.qtype],
@@ -65,7 +55,8 @@ def sample_to_row(s: Sample, figure: str, metro_json: str) -> dict:
         row["answer"] = s.answer
         row["question_transfer_count"] = s.transfer_count
         row["difficulty_question"] = s.question_difficulty
-        row["routes"] = {f"plan_{k + 1}": _route_plan(s.metro, r) for k, r in enumerate(s.routes or [])}
+        plans = s.reference_plans or [route_plan(s.metro, r) for r in s.routes or []]
+        row["routes"] = {f"plan_{k + 1}": plan for k, plan in enumerate(plans)}
     else:
         row["question"] = s.question
         if s.qtype in TORF_QTYPES:
@@ -257,10 +248,12 @@ def _metro(value, roots: list[Path], cache: dict) -> Metro | None:
     return cache[path]
 
 
-def _routes(value) -> list[list[Segment]] | None:
-    """Released `routes` ({plan: [{route_name, departure_stop, arrival_stop, ...}]}) or lists of 3-tuples."""
+def _routes(value) -> tuple[list[list[Segment]], list[list[dict]]] | tuple[None, None]:
+    """Released `routes` ({plan: [{route_name, departure_stop, arrival_stop, ...}]}) or lists of 3-tuples ->
+    (plans as (line, departure, arrival) segments with suffixes stripped, the plans as given: one dict per
+    segment, kept unmodified for the official map score)."""
     if value is None or value == "":
-        return None
+        return None, None
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -270,11 +263,11 @@ def _routes(value) -> list[list[Segment]] | None:
     if not isinstance(plans, list):
         raise _RowError("routes", f"expected a dict or list of route plans, got {type(value).__name__}")
     plans = [plan for plan in plans if plan is not None]  # struct column padding (`plan_2` of a 1-plan row)
-    out = []
+    out, raw = [], []
     for plan in plans:
         if not isinstance(plan, list):
             raise _RowError("routes", f"a route plan must be a list of segments, got {type(plan).__name__}")
-        segs = []
+        segs, given = [], []
         for seg in plan:
             if isinstance(seg, dict):
                 keys = [("route_name", "Route Name", "line"), ("departure_stop", "Departure Stop", "departure"),
@@ -287,8 +280,11 @@ def _routes(value) -> list[list[Segment]] | None:
             if any(not isinstance(g, str) for g in got):
                 raise _RowError("routes", f"bad segment {seg!r}: needs route name, departure and arrival stops")
             segs.append((got[0].strip(), strip_suffix(got[1]), strip_suffix(got[2])))
+            given.append(dict(seg) if isinstance(seg, dict) else
+                         {"route_name": got[0], "departure_stop": got[1], "arrival_stop": got[2]})
         out.append(segs)
-    return out
+        raw.append(given)
+    return out, raw
 
 
 def _first(row: dict, *names):
@@ -344,7 +340,7 @@ def row_to_sample(row: dict, roots: list[Path], cache_dir: Path, metro_cache: di
             raise _RowError("json", "planning needs the metro data")
         if s1 is None or s2 is None:
             raise _RowError("station_1" if s1 is None else "station_2", "missing")
-        routes = _routes(_first(row, "routes"))
+        routes, plans = _routes(_first(row, "routes"))
         route = best_route(metro, s1, s2)
         if route is None and not routes:
             raise _RowError("station_2", f"no route from {s1!r} to {s2!r} in the metro data")
@@ -361,7 +357,8 @@ def row_to_sample(row: dict, roots: list[Path], cache_dir: Path, metro_cache: di
         if qd not in QUESTION_DIFFICULTIES:
             raise _RowError("difficulty_question", f"expected one of {QUESTION_DIFFICULTIES}, got {qd!r}")
         answer = _first(row, "answer")
-        fields.update(route=route, routes=routes or [route], transfer_count=tc, question_difficulty=qd,
+        fields.update(route=route, routes=routes or [route], reference_plans=plans or [route_plan(metro, route)],
+                      transfer_count=tc, question_difficulty=qd,
                       question_long=_first(row, "question_long"),
                       answer=normalise_answer(qtype, answer) if answer not in (None, "") else route_text(route))
     else:

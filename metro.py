@@ -54,6 +54,9 @@ class Sample:
     route: list[Segment] | None = None  # planning: the optimal route
     question_long: str | None = None  # planning: the long template (with via stops)
     routes: list[list[Segment]] | None = None  # planning: reference plans for the map score
+    reference_plans: list[list[dict]] | None = None  # planning: the same plans as the released rows give them
+    # (one dict per segment: route_name unmodified, departure_stop, arrival_stop, via_stops, num_via_stops);
+    # the official map score reads these
     extra: dict = field(default_factory=dict)  # anything else a loader found, kept not dropped
     split: str = ""  # "train" | "test" (split by city), "" when unknown
 
@@ -214,6 +217,16 @@ def route_text(route: list[Segment], via: Metro | None = None) -> str:
             block += f"\nNumber of Via Stops: {len(inner) if inner is not None else 0}"
         blocks.append(block)
     return "\n--\n".join(blocks)
+
+
+def route_plan(metro: Metro, route: list[Segment]) -> list[dict]:
+    """A route in the released datasets' `routes` shape: one dict per segment, with its via stops."""
+    out = []
+    for line, dep, arr in route:
+        inner = via_stops(metro, line, dep, arr) or []
+        out.append({"route_name": line, "departure_stop": dep, "arrival_stop": arr, "via_stops": inner,
+                    "num_via_stops": len(inner)})
+    return out
 
 
 def question_difficulty(transfers: int) -> str:

@@ -16,8 +16,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from maps import generate_city, render_map
-from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_text,
-                   station_lines, via_stops)
+from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_plan,
+                   route_text, station_lines, via_stops)
 
 # ---------------------------------------------------------------------------------------------------
 # question templates (docs/rewardmap.md §2.2, verbatim; the answer goes in \boxed{})
@@ -177,6 +177,7 @@ def _planning(metro: Metro, rng: random.Random, n: int) -> list[dict]:
         out.append(dict(question=fill(PLANNING_SHORT, stop1=a, stop2=b),
                         question_long=fill(PLANNING_LONG, stop1=a, stop2=b),
                         answer=route_text(route), station_1=a, station_2=b, route=route, routes=[route],
+                        reference_plans=[route_plan(metro, route)],
                         transfer_count=len(route) - 1, question_difficulty=question_difficulty(len(route) - 1)))
     return out
 
