@@ -5,6 +5,7 @@
     python bench.py --workload tiny-vlm              # tiny Qwen2.5-VL, rendered map images
     python bench.py --workload qwen2.5-vl-7b-shape   # CUDA: real architecture, random bf16 weights
     python bench.py --workload qwen2.5-vl-7b-shape --count-params   # any machine: meta device, no memory
+    python bench.py --bf16-check                     # do bf16 updates at lr 1e-6 survive? (precision.py)
 
 Prints one table and one JSON line: seconds per step split into rollout / scoring / log-probs (reference
 pass) / update, completion tokens per second, peak memory (process RSS on CPU, max_memory_allocated on
@@ -306,6 +307,41 @@ def gpu_figures(ours: OurRunner, args) -> dict:
             "ref_logprobs_mfu": 2 * n_lm * rows * seq / lp / (peak * 1e12)}
 
 
+def bf16_check(steps: int = 10, lr: float = 1e-6, cities: int = 3, cache_dir: str = ".cache") -> dict:
+    """Do bf16 updates at the paper's lr survive? The tiny model, `steps` GRPO steps of the judgement stage
+    at `lr`, once per precision scheme (float32; bf16 with float32 master weights; bf16 with stochastic
+    rounding; plain bf16 AdamW, for contrast): the share of weights that moved and their mean displacement,
+    each against the initial weights as that scheme stores them."""
+    import curriculum
+    import data
+    import grpo
+    import model as M
+    import rewards
+
+    train, _ = data.load_data("", cities, 0, cache_dir)
+    stage = dict(curriculum.build_curriculum(train, "fine", 0))["judgement"]
+    batches = curriculum.batches(stage, 8, steps)
+    cfg = grpo.GRPOConfig(group_size=8, max_new_tokens=M.TINY_MAX_NEW_TOKENS, kl_coef=1e-2, micro_batch_size=64)
+    schemes = {"float32": (torch.float32, False, False), "bf16 master": (torch.bfloat16, True, False),
+               "bf16 stochastic": (torch.bfloat16, False, True), "bf16 plain AdamW": (torch.bfloat16, False, False)}
+    out = {}
+    for name, (dtype, master, sr) in schemes.items():
+        policy = M.load_model("tiny", train, 0, cache_dir, dtype=dtype, master_weights=master)
+        reference = M.reference_model(policy)
+        optimizer = M.make_optimizer(policy.model, lr, 0.0, stochastic_rounding=sr)
+        before = [p.detach().clone() for p in policy.model.parameters()]
+        generator = torch.Generator().manual_seed(0)
+        for batch in batches:
+            grpo.grpo_step(policy, reference, optimizer, batch, rewards.reward, cfg, generator)
+        after, n = [p.detach() for p in policy.model.parameters()], sum(b.numel() for b in before)
+        moved = sum(int((a != b).sum()) for a, b in zip(after, before)) / n
+        shift = sum(float((a.float() - b.float()).abs().sum()) for a, b in zip(after, before)) / n
+        out[name] = {"weights_changed": moved, "mean_abs_displacement": shift}
+        print(f"{name:18s} weights changed {100 * moved:6.2f}%   mean |displacement| {shift:.2e}")
+    print(json.dumps({"bf16_check": out, "steps": steps, "lr": lr}))
+    return out
+
+
 # ----------------------------------------------------------------------------- report
 
 def report(ours: OurRunner, trl: dict | None, gpu: dict | None, args, peak_mb: float) -> dict:
@@ -371,8 +407,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--hbm-gbps", type=float, default=None, help="HBM bandwidth (default: H100 3350, H200 4800)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak (default 989)")
     ap.add_argument("--count-params", action="store_true", help="shape workloads: count on the meta device, exit")
+    ap.add_argument("--bf16-check", action="store_true", help="do bf16 updates at lr 1e-6 survive? (tiny model, CPU)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    if args.bf16_check:
+        return bf16_check(cache_dir=args.cache_dir)
 
     w = WORKLOADS[args.workload]
     w = dataclasses.replace(w, **{k: v for k, v in dict(prompts=args.prompts, group_size=args.group_size,

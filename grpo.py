@@ -59,9 +59,12 @@ def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: 
 
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
-    """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman 2020)."""
+    """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman 2020).
+
+    Computed as expm1(d) - d: exact near d = 0, where exp(d) - d - 1 cancels to rounding noise that can be
+    negative (-1e-16 in float64); expm1(d) >= d holds in floating point too, so the result is never < 0."""
     d = ref_logp - logp
-    return torch.exp(d) - d - 1
+    return torch.expm1(d) - d
 
 
 def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor,

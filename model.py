@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from precision import AdamWSR, autocast
+
 TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of the cache key)
 # Response-token budgets of the tiny default: a whole boxed answer is one token of its tokenizer, a route
 # block about 48 (a real model answers in text: the paper allows 2,048).
@@ -124,13 +126,15 @@ def build_tiny_policy(seed: int = 0, corpus: list[str] | None = None, cache_dir:
                       vocab_size: int = 1024, hidden_size: int | None = None, num_layers: int = 2,
                       num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None, vision_depth: int = 1,
                       vision_hidden: int = 32, patch_size: int = 14, max_pixels: int = 112 * 112,
-                      min_pixels: int = 28 * 28, text_only: bool = False, device: str | None = None) -> Policy:
+                      min_pixels: int = 28 * 28, text_only: bool = False, device: str | None = None,
+                      dtype: torch.dtype = torch.float32, master_weights: bool = False) -> Policy:
     """The tiny offline policy: built deterministically from `seed`, cached under `cache_dir/<key>`.
 
     `corpus` is extra tokenizer-training text (e.g. the dataset's questions and answers), added to
     `builtin_corpus()`. The cache key hashes every argument that changes the result, so a cache hit
     is the same model a fresh build would give. `text_only=True`: a Qwen2 causal LM instead (no vision).
     Defaults: VLM 64 wide / 256 MLP (~0.24M parameters), text-only 128 wide / 512 MLP (~0.6M).
+    Built in float32; `dtype` and `master_weights` are how it is loaded (as in `load_policy`).
     """
     hidden_size = hidden_size or (128 if text_only else 64)
     intermediate_size = intermediate_size or 4 * hidden_size
@@ -175,7 +179,8 @@ def build_tiny_policy(seed: int = 0, corpus: list[str] | None = None, cache_dir:
             os.replace(tmp, path)  # atomic: a concurrent builder of the same key wrote identical files
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-    return load_policy(str(path), device=device, dtype=torch.float32, max_pixels=max_pixels, min_pixels=min_pixels)
+    return load_policy(str(path), device=device, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels,
+                       master_weights=master_weights)
 
 
 def make_image_processor(patch_size: int = 14, merge_size: int = 2, max_pixels: int = 112 * 112,
@@ -189,9 +194,10 @@ def make_image_processor(patch_size: int = 14, merge_size: int = 2, max_pixels: 
 
 # ----------------------------------------------------------------------------- real models
 
-def default_attn_implementation(device: torch.device) -> str:
-    """flash-attention 2 on CUDA when the optional flash-attn package imports, else PyTorch's SDPA."""
-    if device.type == "cuda":
+def default_attn_implementation(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
+    """flash-attention 2 for bf16 / fp16 compute on CUDA when the optional flash-attn package imports, else
+    PyTorch's SDPA (flash-attention rejects float32 inputs at the first forward)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         try:
             import flash_attn  # noqa: F401
             return "flash_attention_2"
@@ -202,22 +208,28 @@ def default_attn_implementation(device: torch.device) -> str:
 
 def load_policy(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                 gradient_checkpointing: bool = False, attn_implementation: str | None = None,
-                max_pixels: int | None = None, min_pixels: int | None = None) -> Policy:
+                max_pixels: int | None = None, min_pixels: int | None = None, master_weights: bool = False) -> Policy:
     """Load a Qwen2-VL / Qwen2.5-VL checkpoint, or a text-only causal LM (detected from the config).
 
-    Defaults: CUDA if available, bf16 there (fp32 on CPU), flash-attention 2 when `flash_attn` imports
-    (CUDA only), else SDPA. `max_pixels` / `min_pixels` override the checkpoint's image processor.
+    `dtype` is the compute dtype. Defaults: CUDA if available, bf16 there (fp32 on CPU), flash-attention 2
+    when `flash_attn` imports (CUDA only), else SDPA. `max_pixels` / `min_pixels` override the checkpoint's
+    image processor. `master_weights` with a bf16 `dtype`: the weights are kept in float32 and every
+    forward runs under bf16 autocast (precision.py, the `master` scheme), so small updates are not lost.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    attn_implementation = attn_implementation or default_attn_implementation(device)
+    attn_implementation = attn_implementation or default_attn_implementation(device, dtype)
     config = AutoConfig.from_pretrained(name_or_path)
     is_vlm = getattr(config, "vision_config", None) is not None
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
-    model = auto.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation).to(device)
+    master = master_weights and dtype != torch.float32
+    model = auto.from_pretrained(name_or_path, dtype=torch.float32 if master else dtype,
+                                 attn_implementation=attn_implementation).to(device)
+    if master:
+        model.autocast_dtype = dtype  # read by forward_logits (precision.autocast)
     if gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
@@ -258,40 +270,68 @@ def tokenizer_corpus(train_samples) -> list[str]:
     return [s.question for s in train_samples] + answers
 
 
+def compute_dtype(name: str = "") -> torch.dtype:
+    """The `--dtype` flag as a torch dtype: 'float32' or 'bfloat16'; '' picks bfloat16 on CUDA, float32 on CPU."""
+    if name == "":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in ("float32", "bfloat16"):
+        raise ValueError(f"--dtype must be float32 or bfloat16, got {name!r}")
+    return getattr(torch, name)
+
+
 def load_model(name: str, train_samples=(), seed: int = 0, cache_dir: str | Path = ".cache", max_pixels: int = 0,
-               gradient_checkpointing: bool = False) -> Policy:
+               gradient_checkpointing: bool = False, dtype: torch.dtype | None = None,
+               master_weights: bool = False) -> Policy:
     """The policy that train.py trains and eval.py evaluates: `name` "tiny" builds the tiny model (its
     tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`), anything else is a
-    checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget."""
+    checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget;
+    `dtype` (default: `compute_dtype()`) and `master_weights` as in `load_policy`."""
     size = {"max_pixels": max_pixels} if max_pixels else {}
+    precision = dict(dtype=dtype or compute_dtype(), master_weights=master_weights)
     if name == "tiny":
         return build_tiny_policy(seed=seed, corpus=tokenizer_corpus(train_samples),
-                                 cache_dir=str(Path(cache_dir) / "tiny-model"), **size)
-    return load_policy(name, gradient_checkpointing=gradient_checkpointing, **size)
+                                 cache_dir=str(Path(cache_dir) / "tiny-model"), **size, **precision)
+    return load_policy(name, gradient_checkpointing=gradient_checkpointing, **size, **precision)
 
 
 def reference_model(policy: Policy) -> nn.Module:
-    """A frozen copy of the policy's model (eval mode, no grad): the KL anchor pi_ref (docs/rewardmap.md §4.2)."""
+    """A frozen copy of the policy's model (eval mode, no grad): the KL anchor pi_ref (docs/rewardmap.md §4.2).
+    With float32 master weights for bf16 compute, the copy is stored in bf16 (it is never updated)."""
     ref = copy.deepcopy(policy.model).eval()
     ref.requires_grad_(False)
+    if getattr(ref, "autocast_dtype", None) is not None:
+        ref.to(ref.autocast_dtype)
     return ref
 
 
-def save_policy(policy: Policy, out_dir: str | Path) -> None:
+def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
     """HF `save_pretrained` (safetensors) + tokenizer + image processor: loadable by `load_policy` and by
-    plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`)."""
+    plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`).
+    `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    policy.model.save_pretrained(out_dir, safe_serialization=True)
+    state = None
+    if dtype is not None and any(p.dtype != dtype for p in policy.model.parameters()):
+        state = {k: v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v
+                 for k, v in policy.model.state_dict().items()}
+    policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     policy.tokenizer.save_pretrained(out_dir)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(out_dir)
 
 
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, eight_bit: bool = False):
-    """AdamW (docs/rewardmap.md §7: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if asked."""
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, eight_bit: bool = False,
+                   stochastic_rounding: bool = False, seed: int = 0):
+    """AdamW (docs/rewardmap.md §7: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if
+    asked; `stochastic_rounding`: precision.AdamWSR, whose bf16 weights keep updates smaller than their
+    rounding step (the `stochastic` scheme)."""
     params = [p for p in model.parameters() if p.requires_grad]
+    if stochastic_rounding:
+        if eight_bit:
+            raise ValueError("--eight-bit-adam has no stochastic rounding (bitsandbytes updates bf16 weights with "
+                             "round-to-nearest, so small updates vanish): use --bf16-update master with it")
+        return AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
     if eight_bit:
         try:
             import bitsandbytes as bnb
@@ -422,9 +462,10 @@ def embed_inputs(model: nn.Module, batch: dict) -> Tensor:
 def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = False, logits_to_keep: int = 0):
     """One forward pass with explicit positions (no hidden rope_deltas state); returns the model output
     (`.logits`, and the KV cache when `use_cache` or a `cache` is given)."""
-    return model(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
-                 logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
+    with autocast(model):  # bf16 compute over float32 master weights, when the model keeps them
+        return model(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
+                     position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
+                     logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):

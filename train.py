@@ -34,6 +34,7 @@ import data
 import eval as evaluation
 import grpo
 import model as models
+import precision
 import rewards
 from data import CACHE_DIR, SYNTHETIC_CITIES
 
@@ -80,6 +81,8 @@ class TrainConfig:
     max_steps_per_stage: int = _f(0, "cap on GRPO steps per stage (0: one pass over the stage's data)")
     # model
     max_pixels: int = _f(0, "image budget in pixels for the vision encoder (0: the model's default)")
+    dtype: str = _f("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on CUDA, float32 on CPU)")
+    bf16_update: str = _f("master", "with bfloat16: 'master' (float32 weights, bf16 autocast) | 'stochastic' (bf16 weights, stochastically rounded AdamW)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (large models)")
     eight_bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (GPU)")
     # run
@@ -133,6 +136,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, or all)")
     if cfg.aggregation not in ("token", "sequence"):
         raise ValueError(f"--aggregation must be token or sequence, got {cfg.aggregation!r}")
+    models.compute_dtype(cfg.dtype)  # raises on an unknown --dtype
+    if cfg.bf16_update not in precision.SCHEMES:
+        raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
     if cfg.detail_variant not in ("paper", "released"):
         raise ValueError(f"--detail-variant must be paper or released, got {cfg.detail_variant!r}")
     for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "planning_max_new_tokens"):
@@ -296,15 +302,16 @@ def train(cfg: TrainConfig) -> dict:
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     if cfg.stage != "all":
         stages = [(name, part) for name, part in stages if name == cfg.stage]
-    policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels, cfg.gradient_checkpointing)
+    dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master"
+    policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
+                               cfg.gradient_checkpointing, dtype, master)
     reference = models.reference_model(policy) if cfg.kl_coef > 0 else None  # the initial policy, frozen
     generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
     position = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
     if ckpt is not None:
-        dtype, device = next(policy.model.parameters()).dtype, policy.device  # as the run had them
-        pixels = dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
+        device, pixels = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
         del policy  # the reference keeps the initial weights; never hold three models at once
-        policy = models.load_policy(str(ckpt), device=device, dtype=dtype,
+        policy = models.load_policy(str(ckpt), device=device, dtype=dtype, master_weights=master,
                                     gradient_checkpointing=cfg.gradient_checkpointing, **pixels)
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
@@ -312,7 +319,8 @@ def train(cfg: TrainConfig) -> dict:
         position = state["position"]
         truncate_metrics(metrics_path, position["global_step"])
         print(f"resumed from {ckpt} at stage {position['stage_index']} step {position['step_in_stage']}")
-    optimizer = models.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam)
+    optimizer = models.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
+                                      stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
     if ckpt is not None:
         optimizer.load_state_dict(state["optimizer"])
 
@@ -365,7 +373,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"end of stage {name}: {evaluation.one_line(summary)}")
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
         save_checkpoint(out, policy, optimizer, generator, position, cfg)
-    models.save_policy(policy, out / "model")
+    models.save_policy(policy, out / "model", dtype=dtype)  # checkpoints keep the training precision
     if metrics_path.exists():
         plot_curves(metrics_path, out / "curves.png")
     print(f"done in {time.time() - t0:.0f} s: model in {out / 'model'}, metrics in {metrics_path}, curves in {out / 'curves.png'}")
