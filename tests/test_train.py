@@ -1,10 +1,8 @@
 """End to end on the CPU: train.py's stages on the tiny model, outputs, checkpoints, resume after a kill."""
 import json
-import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -60,31 +58,39 @@ def test_all_stages_in_order_and_checkpoint_loads_in_transformers(tmp_path):
     assert sum(p.numel() for p in loaded.parameters()) > 0
 
 
+# The killed run: train.py in a child process that SIGKILLs itself as its 6th GRPO step begins, so exactly
+# 5 metric lines are written and the latest checkpoint is step 4 (--save-every 2): a deterministic kill -9.
+KILL_AT_STEP_6 = """
+import os, signal, sys
+import train
+real, calls = train.grpo.grpo_step, []
+def step(*a, **kw):
+    calls.append(1)
+    if len(calls) == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real(*a, **kw)
+train.grpo.grpo_step = step
+train.main(sys.argv[1:])
+"""
+
+
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
-    args = small_args(tmp_path, "--stage", "all", "--max-steps-per-stage", "4", "--save-every", "3")
+    args = small_args(tmp_path, "--stage", "all", "--max-steps-per-stage", "3", "--save-every", "2", "--eval-samples", "2")
     straight = tmp_path / "straight"
     train.main(args + ["--out", str(straight)])
     expected = [comparable(r) for r in rows(straight / "metrics.jsonl")]
-    assert len(expected) == 12
+    assert len(expected) == 9
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "train.py", *args, "--out", str(killed)], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    metrics = killed / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and len(rows(metrics)) >= 8:  # mid-way through the counting stage
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run finished before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    logged = len(rows(metrics))
-    assert 8 <= logged < 12
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP_6, *args, "--out", str(killed)], cwd=ROOT,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert proc.returncode == -signal.SIGKILL
+    assert len(rows(killed / "metrics.jsonl")) == 5  # mid-way through the counting stage
+    assert (killed / "checkpoints" / "latest").read_text().strip() == "step-000004"  # what the resume starts from
 
     train.main(args + ["--out", str(killed), "--resume"])
-    got = [comparable(r) for r in rows(metrics)]
-    assert [r["global_step"] for r in got] == list(range(1, 13))
+    got = [comparable(r) for r in rows(killed / "metrics.jsonl")]
+    assert [r["global_step"] for r in got] == list(range(1, 10))
     assert got == expected
 
 
