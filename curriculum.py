@@ -82,20 +82,22 @@ def group_of(variant: str, stage: str):
 
 
 def batches(stage_samples: Sequence[T], batch_size: int, max_steps: int | None = None, seed: int = 0,
-            group=None) -> list[list[T]]:
+            group=None, drop_last: bool = False) -> list[list[T]]:
     """Cut one stage into prompt batches, one per GRPO step.
 
     One pass over the stage's samples is the paper's setting (`total_episodes: 1`). When `max_steps`
     asks for more steps than one pass gives, further passes follow, each reshuffled with its own seed
     inside each run of samples with the same `group(sample)` (`group_of`), so a stage's sub-order
     (counting2/3 before counting1) holds in every pass; when it asks for fewer, the stage stops early.
-    A last partial batch is kept, not dropped.
+    A last partial batch is kept, unless `drop_last` (the released code's data loader drops it).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not stage_samples:
         return []
-    one_pass = -(-len(stage_samples) // batch_size)
+    if drop_last and len(stage_samples) < batch_size:
+        return []
+    one_pass = len(stage_samples) // batch_size if drop_last else -(-len(stage_samples) // batch_size)
     steps = one_pass if max_steps is None else max_steps
     runs: list[list[T]] = []  # consecutive samples of one shuffle group
     for s in stage_samples:
@@ -112,6 +114,7 @@ def batches(stage_samples: Sequence[T], batch_size: int, max_steps: int | None =
             for run in runs:
                 rng.shuffle(run)
             order = [s for run in runs for s in run]
-        out += [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        out += [order[i : i + batch_size] for i in range(0, len(order), batch_size)
+                if not drop_last or i + batch_size <= len(order)]
         epoch += 1
     return out[:steps]

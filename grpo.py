@@ -40,6 +40,8 @@ class GRPOConfig:
     aggregation: str = "token"  # "token": mean over all response tokens; "sequence": per response, then over responses
     std_scale: bool = True  # divide advantages by the group std (released code) or only centre them (paper text)
     max_grad_norm: float = 1.0  # global gradient-norm clip before each optimizer step
+    entropy_coef: float = 0.0  # weight of an entropy bonus on the policy's tokens (released code: 1e-3; 0: none)
+    kl_clamp: float | None = None  # clamp the per-token k3 KL at this value (released code: 10; None: no clamp)
 
 
 # ----------------------------------------------------------------------------- the math
@@ -69,8 +71,13 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
 
 def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advantages: Tensor, mask: Tensor,
                 clip_eps: float = 0.2, kl_coef: float = 1e-3, aggregation: str = "token",
-                denom: float | None = None) -> tuple[Tensor, dict[str, float]]:
+                denom: float | None = None, entropy: Tensor | None = None, entropy_coef: float = 0.0,
+                kl_clamp: float | None = None) -> tuple[Tensor, dict[str, float]]:
     """Clipped surrogate + k3 KL (module docstring), masked and aggregated to a scalar loss.
+
+    The released code's two extras (docs/rewardmap.md §8): `entropy` [N, T] (the policy's, differentiable)
+    with `entropy_coef` subtracts `entropy_coef * H_t` per token (a bonus for exploring), and `kl_clamp`
+    caps each token's KL term (verl clamps its low-variance KL to [-10, 10]; k3 is never negative).
 
     logp / old_logp / ref_logp: [N, T]; advantages: [N] (one per response) or [N, T]; mask: [N, T] 0/1.
     `denom` makes micro-batching exact: the summed loss is divided by it instead of by this micro-batch's
@@ -84,7 +91,11 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advanta
     ratio = torch.exp(logp - old_logp)
     surrogate = torch.min(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
     kl = kl_k3(logp, ref_logp) if (ref_logp is not None and kl_coef != 0) else torch.zeros_like(logp)
+    if kl_clamp is not None:
+        kl = kl.clamp(max=kl_clamp)
     per_token = -surrogate + kl_coef * kl
+    if entropy is not None and entropy_coef != 0:
+        per_token = per_token - entropy_coef * entropy
     if aggregation == "token":
         loss = (per_token * mask).sum() / (denom if denom is not None else mask.sum().clamp(min=1))
     elif aggregation == "sequence":
@@ -354,12 +365,14 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
         optimizer.zero_grad(set_to_none=True)
         finite = True
         for mb, ref, old in zip(batches, ref_logp, old_logp):
-            logp = shared_prompt_logprobs(model, *mb.inputs)  # [speed] each prompt computed once, gradients summed
+            # [speed] each prompt computed once, gradients summed; the entropy only for an entropy bonus
+            logp, entropy = (shared_prompt_logprobs(model, *mb.inputs, with_entropy=True) if cfg.entropy_coef
+                             else (shared_prompt_logprobs(model, *mb.inputs), None))
             # one epoch: pi_old is the current policy, so rho == 1 exactly and the gradient is REINFORCE's
             # -A * grad log p (TRL does the same with num_iterations == 1)
             old = old if cfg.ppo_epochs > 1 else logp.detach()
             loss, m = policy_loss(logp, old, ref, advantages[mb.rows], mb.mask, cfg.clip_eps, cfg.kl_coef,
-                                  cfg.aggregation, denom=denom)
+                                  cfg.aggregation, denom, entropy, cfg.entropy_coef, cfg.kl_clamp)
             loss.backward()
             w = float(mb.mask.sum())
             m["loss"] = float(loss.detach())

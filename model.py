@@ -469,30 +469,45 @@ def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
 
 
 class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log p(token) = logit[token] - logsumexp(logits), computed `chunk` rows at a time in float32.
+    """log p(token) = logit[token] - logsumexp(logits), computed `chunk` rows at a time in float32, and
+    (when asked) the entropy H = logsumexp - sum(p * logits) of each row, both differentiable.
 
-    Only the logits (model dtype) and the [rows] logsumexp are kept for backward, never a float32
-    [rows, vocab] log-softmax; backward rebuilds softmax chunk by chunk: d/dlogits = g * (onehot - p).
+    Only the logits (model dtype) and per-row [rows] values are kept for backward, never a float32
+    [rows, vocab] log-softmax; backward rebuilds softmax chunk by chunk:
+    d logp / d logits = onehot - p,   d H / d logits = -p * (log p + H).
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, chunk: int) -> Tensor:
-        lse = torch.cat([c.float().logsumexp(-1) for c in logits.split(chunk)])
+    def forward(ctx, logits: Tensor, tokens: Tensor, chunk: int, with_entropy: bool):
+        lse, entropy = [], []
+        for c in logits.split(chunk):
+            c = c.float()
+            lse.append(c.logsumexp(-1))
+            if with_entropy:
+                entropy.append(lse[-1] - ((c - lse[-1][:, None]).exp() * c).sum(-1))
+        lse = torch.cat(lse)
+        entropy = torch.cat(entropy) if with_entropy else lse.new_zeros(0)
         out = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - lse
-        ctx.save_for_backward(logits, tokens, lse)
+        ctx.save_for_backward(logits, tokens, lse, entropy)
         ctx.chunk = chunk
-        return out
+        return out, entropy
 
     @staticmethod
-    def backward(ctx, grad: Tensor):
-        logits, tokens, lse = ctx.saved_tensors
+    def backward(ctx, grad: Tensor, grad_entropy: Tensor):
+        logits, tokens, lse, entropy = ctx.saved_tensors
+        with_entropy = entropy.numel() > 0 and grad_entropy is not None
         grads = []
-        for lg, tk, ls, g in zip(logits.split(ctx.chunk), tokens.split(ctx.chunk), lse.split(ctx.chunk),
-                                 grad.split(ctx.chunk)):
-            d = -(lg.float() - ls[:, None]).exp() * g[:, None]
+        for k, (lg, tk, ls, g) in enumerate(zip(logits.split(ctx.chunk), tokens.split(ctx.chunk), lse.split(ctx.chunk),
+                                                grad.split(ctx.chunk))):
+            logp = lg.float() - ls[:, None]
+            p = logp.exp()
+            d = -p * g[:, None]
             d.scatter_add_(-1, tk[:, None], g[:, None])
+            if with_entropy:
+                rows = slice(k * ctx.chunk, k * ctx.chunk + len(lg))
+                d -= p * (logp + entropy[rows, None]) * grad_entropy[rows, None]
             grads.append(d.to(logits.dtype))
-        return torch.cat(grads), None, None
+        return torch.cat(grads), None, None, None
 
 
 def _rows_per_chunk(vocab: int, chunk: int | None) -> int:
@@ -500,14 +515,18 @@ def _rows_per_chunk(vocab: int, chunk: int | None) -> int:
     return chunk or max(1, (1 << 26) // vocab)
 
 
-def selective_log_softmax(logits: Tensor, tokens: Tensor, chunk: int | None = None) -> Tensor:
-    """log_softmax(logits).gather(tokens) for logits [..., V] and tokens [...], memory-light (float32 out)."""
+def selective_log_softmax(logits: Tensor, tokens: Tensor, chunk: int | None = None, with_entropy: bool = False):
+    """log_softmax(logits).gather(tokens) for logits [..., V] and tokens [...], memory-light (float32 out);
+    with `with_entropy`, also the entropy of softmax(logits) at each position, as a pair (logp, entropy)."""
     shape, chunk = tokens.shape, _rows_per_chunk(logits.shape[-1], chunk)
-    return _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), chunk).view(shape)
+    logp, entropy = _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), chunk,
+                                               with_entropy)
+    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
 
 
-def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None) -> Tensor:
-    """Per-token log-probs [N, T] (float32) of the last `batch["response_len"]` tokens of each row.
+def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None, with_entropy: bool = False):
+    """Per-token log-probs [N, T] (float32) of the last `batch["response_len"]` tokens of each row (and, with
+    `with_entropy`, the policy's entropy [N, T] there, differentiable: the pair (logp, entropy)).
 
     `batch` comes from `join_prompt_response` (left-padded prompt + right-padded response). Only the
     T response positions go through the LM head (`logits_to_keep`). Padded response positions hold
@@ -515,7 +534,7 @@ def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None) -
     """
     T = batch["response_len"]
     logits = forward_logits(model, batch, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts t+1
-    return selective_log_softmax(logits, batch["input_ids"][:, -T:], chunk)
+    return selective_log_softmax(logits, batch["input_ids"][:, -T:], chunk, with_entropy)
 
 
 def _checkpointing_drops_cache(model: nn.Module) -> bool:
@@ -525,7 +544,7 @@ def _checkpointing_drops_cache(model: nn.Module) -> bool:
 
 
 def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor, response_ids: Tensor,
-                           response_mask: Tensor, chunk: int | None = None) -> Tensor:
+                           response_mask: Tensor, chunk: int | None = None, with_entropy: bool = False):
     """`response_logprobs(model, join_prompt_response(...))`, computing each distinct prompt only once.
 
     The GRPO rows of a group share their prompt, and prompts (map text, image tokens) are usually longer
@@ -534,16 +553,17 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
     cache rows for each response (differentiable: prompt gradients are summed over the group), then run
     only the response tokens. Same positions and masks as the decode, so the same log-probs up to float
     rounding. Falls back to the full-sequence pass when gradient checkpointing would drop the cache.
+    `with_entropy`: also the entropy at each response position, as in `response_logprobs`.
     """
     if _checkpointing_drops_cache(model):
         return response_logprobs(model, join_prompt_response(prompts, prompt_index, response_ids, response_mask),
-                                 chunk=chunk)
+                                 chunk, with_entropy)
     uniq, rows = torch.unique(prompt_index, return_inverse=True)
     empty = response_ids[:len(uniq), :0]
     batch = join_prompt_response(prompts, uniq, empty, empty.float())  # the distinct prompts alone
     out = forward_logits(model, batch, use_cache=True, logits_to_keep=1)
     # the last prompt position predicts response token 0
-    first = selective_log_softmax(out.logits[rows, -1:], response_ids[:, :1], chunk)
+    parts = [selective_log_softmax(out.logits[rows, -1:], response_ids[:, :1], chunk, with_entropy)]
     T = response_ids.shape[1]
     if T > 1:  # response tokens 0..T-2 predict tokens 1..T-1, attending to the cached prompt
         cache = kv_cache(out)
@@ -552,6 +572,8 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
         step = dict(input_ids=response_ids[:, :-1],
                     attention_mask=torch.cat([batch["attention_mask"][rows], response_mask[:, :-1].long()], 1),
                     position_ids=pos[None].expand(3, -1, -1) if batch["position_ids"].dim() == 3 else pos)
-        rest = selective_log_softmax(forward_logits(model, step, cache=cache).logits, response_ids[:, 1:], chunk)
-        return torch.cat([first, rest], 1)  # [N, T] log-probs, not a copy of the [N, T, vocab] logits
-    return first
+        parts.append(selective_log_softmax(forward_logits(model, step, cache=cache).logits, response_ids[:, 1:], chunk,
+                                           with_entropy))
+    if with_entropy:  # [N, T] log-probs and entropies, not a copy of the [N, T, vocab] logits
+        return tuple(torch.cat(p, 1) for p in zip(*parts))
+    return torch.cat(parts, 1)

@@ -35,7 +35,7 @@ Quirks reproduced (ReasonMap main.py unless named otherwise):
     no reference plan gives 0. Caps 10 / 20, then +10 / +20 when accurate.
  8. RewardMap's clean_string also drops Station/station and one trailing 站 (checked before brackets are
     removed), renames Univ/Tech/road/Road/Asian Games Village (Univ. -> Universityersity, Tech. ->
-    Technologyology) and removes apostrophes. Its detail reward checks keys case-insensitively but parses
+    Technologynology) and removes apostrophes. Its detail reward checks keys case-insensitively but parses
     them case-sensitively, and takes 5 off for every segment past the transfer count (so also the last one).
 
 Data: `Sample.metro` is equivalent to the scripts' metro data for ReasonMap's clean_string (checked on all
@@ -238,7 +238,7 @@ def _endpoints_ok(segs: list[dict], station_1: str, station_2: str, clean) -> bo
 
 
 def _line_name(name: str) -> str:
-    """main.py's two Beijing renames before the metro lookup: 八通 -> Line 1, then 大兴 -> Line 4."""
+    """main.py's two Beijing renames before the metro lookup: 八通 -> Line 1, then (on the result) 大兴 -> Line 4."""
     name = "Line 1" if "八通" in name else name
     return "Line 4" if "大兴" in name else name
 

@@ -54,7 +54,7 @@ class TrainConfig:
     model: str = _f("tiny", "policy: 'tiny' (the embedded offline Qwen2.5-VL) or a local path / hub id of a Qwen2(.5)-VL or causal LM")
     data: str = _f("", "dataset folder(s), comma-separated (our export, or ReasonMap-Plus,ReasonMap-Train copies); empty: synthetic maps")
     cities: int = _f(SYNTHETIC_CITIES, "synthetic dataset: number of cities (generated once into --cache-dir, reused afterwards)")
-    preset: str = _f("", "'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16)")
+    preset: str = _f("", "'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16) | 'released': the authors' training script")
     # reward (docs/rewardmap.md §3)
     no_detail_reward: bool = _f(False, "ablation: drop the detail reward (R = W * (format + correctness))")
     alpha: float = _f(0.5, "weight of the detail reward")
@@ -62,6 +62,8 @@ class TrainConfig:
     gammas: tuple = _f((1.0, 1.2, 1.5), "map-difficulty weights for easy / middle / hard maps", nargs=3, type=float)
     betas: tuple = _f((0.0, 0.5), "question weights for planning with 0 / >= 1 transfers", nargs=2, type=float)
     detail_variant: str = _f("paper", "detail reward: 'paper' (Algorithm 1 as written) | 'released' (the authors' code)")
+    format_score: float = _f(1.0, "reward for an answer in the required format (the released code has no format term: 0)")
+    no_detail_floor: bool = _f(False, "let the detail reward go below -10 (Algorithm 1 and the released code have no floor)")
     # GRPO (docs/rewardmap.md §4)
     group_size: int = _f(8, "G: responses sampled per prompt")
     batch_size: int = _f(8, "prompts per GRPO step")
@@ -78,6 +80,9 @@ class TrainConfig:
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold for rollouts")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
+    entropy_coef: float = _f(0.0, "weight of an entropy bonus in the loss (released code: 1e-3)")
+    kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
+    drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
     max_steps_per_stage: int = _f(0, "cap on GRPO steps per stage (0: one pass over the stage's data)")
     # model
     max_pixels: int = _f(0, "image budget in pixels for the vision encoder (0: the model's default)")
@@ -101,6 +106,11 @@ PRESETS = {
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, kl_coef=1e-3, batch_size=16, group_size=8,
                   max_new_tokens=2048, planning_max_new_tokens=2048, weight_decay=1e-2, max_grad_norm=1.0,
                   gradient_checkpointing=True, micro_batch_size=8, max_pixels=0, eval_every=0),
+    # the authors' released training script (scripts/reward_map.sh + reward_map.yaml + verl defaults)
+    "released": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, weight_decay=1e-2, kl_coef=1e-2, kl_clamp=10.0,
+                     batch_size=16, group_size=4, aggregation="sequence", entropy_coef=1e-3, format_score=0.0,
+                     no_detail_floor=True, detail_variant="released", drop_last=True, max_new_tokens=2048,
+                     planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=8),
 }
 
 
@@ -146,7 +156,8 @@ def check_config(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name, ok, rule in (("kl_coef", cfg.kl_coef >= 0, ">= 0"), ("clip_eps", cfg.clip_eps > 0, "> 0"),
                            ("temperature", cfg.temperature >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
-                           ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0")):
+                           ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0"),
+                           ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -159,7 +170,8 @@ def reward_config(cfg: TrainConfig) -> rewards.RewardConfig:
     """The reward settings of the run (docs/rewardmap.md §3)."""
     return rewards.RewardConfig(alpha=cfg.alpha, use_detail=not cfg.no_detail_reward,
                                 use_difficulty=not cfg.no_difficulty_weight, gammas=tuple(cfg.gammas),
-                                betas=tuple(cfg.betas), detail_variant=cfg.detail_variant)
+                                betas=tuple(cfg.betas), detail_variant=cfg.detail_variant,
+                                format_score=cfg.format_score, detail_floor=None if cfg.no_detail_floor else -10.0)
 
 
 def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
@@ -169,7 +181,8 @@ def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
                            max_new_tokens=tokens, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
                            ppo_epochs=cfg.ppo_epochs, micro_batch_size=cfg.micro_batch_size,
                            aggregation=cfg.aggregation, std_scale=not cfg.no_std_scale,
-                           max_grad_norm=cfg.max_grad_norm)
+                           max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
+                           kl_clamp=cfg.kl_clamp or None)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -333,7 +346,7 @@ def train(cfg: TrainConfig) -> dict:
         if stage_index < position["stage_index"]:
             continue
         steps = curriculum.batches(stage_samples, cfg.batch_size, cfg.max_steps_per_stage or None, seed=cfg.seed,
-                                   group=curriculum.group_of(cfg.curriculum, name))
+                                   group=curriculum.group_of(cfg.curriculum, name), drop_last=cfg.drop_last)
         if not steps:
             print(f"stage {name}: no training samples in this dataset, skipped")
             continue

@@ -78,3 +78,13 @@ def test_extra_passes_keep_the_stage_sub_order():
     for p in passes:
         assert [s.qtype == "counting1" for s in p] == [False] * 16 + [True] * 8
     assert [s.id for s in passes[0]] != [s.id for s in passes[1]]  # but reshuffled inside the groups
+
+
+def test_drop_last_drops_the_partial_batch_of_every_pass():
+    stage = [SimpleNamespace(qtype="torf1", i=i) for i in range(10)]
+    kept = batches(stage, 4)
+    assert [len(b) for b in kept] == [4, 4, 2]
+    dropped = batches(stage, 4, drop_last=True)
+    assert [len(b) for b in dropped] == [4, 4] and dropped == kept[:2]
+    assert [len(b) for b in batches(stage, 4, max_steps=5, drop_last=True)] == [4, 4, 4, 4, 4]
+    assert batches(stage[:3], 4, max_steps=3, drop_last=True) == []

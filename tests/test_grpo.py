@@ -88,6 +88,23 @@ def test_token_vs_sequence_aggregation():
     assert tok.item() == pytest.approx(0.5 + 0.1 * k3) and m["kl"] == pytest.approx(k3)
 
 
+def test_entropy_bonus_and_kl_clamp_hand_computed():
+    """The released code's extras: loss per token -A*rho + beta*min(k3, clamp) - c*H, sequence-averaged."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    ref = torch.tensor([[3.0, 0.5]])  # k3 = e^3 - 3 - 1 = 16.09 (clamped to 10) and e^0.5 - 1.5 = 0.1487
+    ent = torch.tensor([[2.0, 1.0]], requires_grad=True)
+    loss, m = grpo.policy_loss(logp, logp.detach(), ref, torch.tensor([1.0]), torch.ones(1, 2), kl_coef=0.01,
+                               aggregation="sequence", entropy=ent, entropy_coef=1e-3, kl_clamp=10.0)
+    k3 = math.exp(0.5) - 1.5
+    assert loss.item() == pytest.approx(((-1 + 0.01 * 10 - 1e-3 * 2) + (-1 + 0.01 * k3 - 1e-3 * 1)) / 2)
+    assert m["kl"] == pytest.approx((10 + k3) / 2)
+    loss.backward()
+    assert ent.grad[0].tolist() == pytest.approx([-1e-3 / 2, -1e-3 / 2])  # the bonus pushes entropy up
+    # the clamped token's KL passes no gradient; the other's does: d/dlogp beta * k3 = beta * (1 - e^(ref - logp))
+    assert logp.grad[0, 0].item() == pytest.approx(-1 / 2)
+    assert logp.grad[0, 1].item() == pytest.approx((-1 + 0.01 * (1 - math.exp(0.5))) / 2)
+
+
 @pytest.mark.parametrize("aggregation", ["token", "sequence"])
 def test_denominator_makes_micro_batches_exact(aggregation):
     g = torch.Generator().manual_seed(0)

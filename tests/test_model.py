@@ -130,6 +130,23 @@ def test_selective_log_softmax_value_and_grad():
     assert torch.allclose(g1, g2, atol=1e-6)
 
 
+def test_selective_entropy_value_and_grad():
+    """The entropy the update's entropy bonus uses: value and gradient equal the plain full-softmax ones,
+    alone and together with the log-prob's gradient (chunk 4 over 15 rows: chunk boundaries inside)."""
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 11, (3, 5), generator=g)
+    w1, w2 = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
+    logp, ent = M.selective_log_softmax(logits, tokens, chunk=4, with_entropy=True)
+    lsm = torch.log_softmax(logits, -1)
+    ref_logp, ref_ent = lsm.gather(-1, tokens[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    assert torch.allclose(ent.double(), ref_ent, atol=1e-6) and torch.allclose(logp.double(), ref_logp, atol=1e-6)
+    for a, b in ((ent.double() * w2, ref_ent * w2), (logp.double() * w1 + ent.double() * w2, ref_logp * w1 + ref_ent * w2)):
+        (g1,) = torch.autograd.grad(a.sum(), logits, retain_graph=True)
+        (g2,) = torch.autograd.grad(b.sum(), logits, retain_graph=True)
+        assert torch.allclose(g1, g2, atol=1e-6)
+
+
 def test_save_and_reload(tiny_vlm, tmp_path):
     from transformers import AutoModelForImageTextToText
 

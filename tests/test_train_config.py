@@ -119,3 +119,16 @@ def test_readme_flags_table_matches_the_config():
             else "(empty)" if d == "" else d
         row = f"| `--{f.name.replace('_', '-')}` | {d} | {f.metadata['help'].replace('|', '/')} |"
         assert row in readme, f"README flags table out of date for --{f.name}: expected {row}"
+
+
+def test_released_preset_is_the_authors_script():
+    cfg = train.parse_args(["--preset", "released"])
+    assert (cfg.group_size, cfg.kl_coef, cfg.kl_clamp, cfg.aggregation, cfg.entropy_coef) == (4, 1e-2, 10.0, "sequence", 1e-3)
+    assert (cfg.format_score, cfg.no_detail_floor, cfg.drop_last, cfg.detail_variant) == (0.0, True, True, "released")
+    assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (1e-6, 1e-2, 16)
+    r, g = train.reward_config(cfg), train.grpo_config(cfg, "planning")
+    assert (r.format_score, r.detail_floor, r.detail_variant) == (0.0, None, "released")
+    assert (g.entropy_coef, g.kl_clamp, g.aggregation, g.group_size, g.kl_coef) == (1e-3, 10.0, "sequence", 4, 1e-2)
+    default = train.grpo_config(train.parse_args([]), "judgement")
+    assert (default.entropy_coef, default.kl_clamp) == (0.0, None)
+    assert train.reward_config(train.parse_args([])).detail_floor == -10.0
