@@ -60,8 +60,8 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
     return out
 
 
-def evaluate(policy, samples: list, reward_cfg=None, max_new_tokens: int = 64, batch_size: int = 16,
-             progress: bool = True, long: bool = False, planning_max_new_tokens: int | None = None) -> dict:
+def evaluate(policy, samples: list, reward_cfg=None, max_new_tokens: int = 64, planning_max_new_tokens: int | None = None,
+             batch_size: int = 16, progress: bool = True, long: bool = False) -> dict:
     """Metrics of the paper's Table 1 on `samples`, plus per-type accuracy and every record."""
     reward_cfg = reward_cfg or rewards.RewardConfig()
     responses = generate(policy, samples, max_new_tokens, batch_size, progress, long, planning_max_new_tokens)
@@ -323,10 +323,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--cache-dir", default=data.CACHE_DIR, help="cache folder (as in train.py)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many questions (a seeded subset; 0: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
-    ap.add_argument("--max-new-tokens", type=int, default=models.TINY_MAX_NEW_TOKENS,
-                    help="response token budget, judgement / counting")
-    ap.add_argument("--planning-max-new-tokens", type=int, default=models.TINY_PLANNING_MAX_NEW_TOKENS,
-                    help="response token budget, planning")
+    ap.add_argument("--max-new-tokens", type=int, default=0, help="response token budget, judgement / counting "
+                    "(0: what the model folder was trained with; the tiny model 4; any other model 2048)")
+    ap.add_argument("--planning-max-new-tokens", type=int, default=0, help="response token budget, planning "
+                    "(0: what the model folder was trained with; the tiny model 48; any other model 2048)")
     ap.add_argument("--long", action="store_true", help="planning questions in the long form (via stops)")
     ap.add_argument("--out", default="", help="folder for eval.json and eval.html (default: the model folder, or runs/eval)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -337,8 +337,8 @@ def main(argv: list[str] | None = None) -> dict:
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
     policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir)
-    summary = evaluate(policy, samples, max_new_tokens=a.max_new_tokens, batch_size=a.batch_size, long=a.long,
-                       planning_max_new_tokens=a.planning_max_new_tokens)
+    summary = evaluate(policy, samples, *models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens),
+                       batch_size=a.batch_size, long=a.long)
     out = Path(a.out or (a.model if Path(a.model).is_dir() else "runs/eval"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(cli.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

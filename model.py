@@ -36,6 +36,8 @@ TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of 
 # block about 48 (a real model answers in text: the paper allows 2,048).
 TINY_MAX_NEW_TOKENS = 4
 TINY_PLANNING_MAX_NEW_TOKENS = 48
+PAPER_MAX_NEW_TOKENS = 2048  # the paper's response budget, for every question type, for any real model
+BUDGETS_FILE = "rewardmap.json"  # written beside a saved policy: the token budgets it was trained with
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, VIDEO_TOKEN]
@@ -270,6 +272,21 @@ def tokenizer_corpus(train_samples) -> list[str]:
     return [s.question for s in train_samples] + answers
 
 
+def token_budgets(model: str, plus: int = 0, planning: int = 0) -> tuple[int, int]:
+    """(judgement / counting, planning) response-token budgets: the given ones where nonzero; else the
+    budgets a policy folder saved by train.py records (`BUDGETS_FILE`); else the tiny model's 4 / 48 for
+    "tiny" and the paper's 2,048 for any other model."""
+    saved = Path(model) / BUDGETS_FILE
+    if model == "tiny":
+        default = (TINY_MAX_NEW_TOKENS, TINY_PLANNING_MAX_NEW_TOKENS)
+    elif saved.is_file():
+        record = json.loads(saved.read_text())
+        default = (record["max_new_tokens"], record["planning_max_new_tokens"])
+    else:
+        default = (PAPER_MAX_NEW_TOKENS, PAPER_MAX_NEW_TOKENS)
+    return plus or default[0], planning or default[1]
+
+
 def compute_dtype(name: str = "") -> torch.dtype:
     """The `--dtype` flag as a torch dtype: 'float32' or 'bfloat16'; '' picks bfloat16 on CUDA, float32 on CPU."""
     if name == "":
@@ -304,10 +321,12 @@ def reference_model(policy: Policy) -> nn.Module:
     return ref
 
 
-def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None = None) -> None:
+def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None = None,
+                budgets: tuple[int, int] | None = None) -> None:
     """HF `save_pretrained` (safetensors) + tokenizer + image processor: loadable by `load_policy` and by
     plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`).
-    `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them."""
+    `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them.
+    `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -316,6 +335,9 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
         state = {k: v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v
                  for k, v in policy.model.state_dict().items()}
     policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
+    if budgets is not None:
+        (Path(out_dir) / BUDGETS_FILE).write_text(json.dumps(
+            {"max_new_tokens": budgets[0], "planning_max_new_tokens": budgets[1]}) + "\n")
     policy.tokenizer.save_pretrained(out_dir)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(out_dir)

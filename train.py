@@ -75,8 +75,8 @@ class TrainConfig:
     ppo_epochs: int = _f(1, "optimisation passes over each rollout batch")
     aggregation: str = _f("token", "loss averaging: 'token' (over all response tokens) | 'sequence' (per response first)")
     no_std_scale: bool = _f(False, "advantage = r - mean(group) only (the paper's text), not divided by the group std")
-    max_new_tokens: int = _f(models.TINY_MAX_NEW_TOKENS, "response token budget for judgement / counting questions (tiny: a whole boxed answer is one token)")
-    planning_max_new_tokens: int = _f(models.TINY_PLANNING_MAX_NEW_TOKENS, "response token budget for planning questions")
+    max_new_tokens: int = _f(0, "response token budget for judgement / counting questions (0: 4 for the tiny model, whose boxed answers are one token; 2048 otherwise)")
+    planning_max_new_tokens: int = _f(0, "response token budget for planning questions (0: 48 for the tiny model; 2048 otherwise)")
     temperature: float = _f(1.0, "sampling temperature for rollouts")
     top_p: float = _f(1.0, "nucleus sampling threshold for rollouts")
     max_grad_norm: float = _f(1.0, "gradient-norm clip")
@@ -151,13 +151,15 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
     if cfg.detail_variant not in ("paper", "released"):
         raise ValueError(f"--detail-variant must be paper or released, got {cfg.detail_variant!r}")
-    for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs", "max_new_tokens", "planning_max_new_tokens"):
+    for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name, ok, rule in (("kl_coef", cfg.kl_coef >= 0, ">= 0"), ("clip_eps", cfg.clip_eps > 0, "> 0"),
                            ("temperature", cfg.temperature >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
                            ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0"),
-                           ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0")):
+                           ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0"),
+                           ("max_new_tokens", cfg.max_new_tokens >= 0, ">= 0"),
+                           ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
     if cfg.group_size < 2:
@@ -174,9 +176,15 @@ def reward_config(cfg: TrainConfig) -> rewards.RewardConfig:
                                 format_score=cfg.format_score, detail_floor=None if cfg.no_detail_floor else -10.0)
 
 
+def budgets(cfg: TrainConfig) -> tuple[int, int]:
+    """The run's (judgement / counting, planning) response-token budgets (`model.token_budgets`)."""
+    return models.token_budgets(cfg.model, cfg.max_new_tokens, cfg.planning_max_new_tokens)
+
+
 def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
     """The GRPO settings of one stage (docs/rewardmap.md §4); planning stages get the planning token budget."""
-    tokens = cfg.planning_max_new_tokens if stage in ("planning", "all") else cfg.max_new_tokens
+    plus, planning = budgets(cfg)
+    tokens = planning if stage in ("planning", "all") else plus
     return grpo.GRPOConfig(group_size=cfg.group_size, temperature=cfg.temperature, top_p=cfg.top_p,
                            max_new_tokens=tokens, clip_eps=cfg.clip_eps, kl_coef=cfg.kl_coef,
                            ppo_epochs=cfg.ppo_epochs, micro_batch_size=cfg.micro_batch_size,
@@ -213,7 +221,7 @@ def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, po
     final = root / f"step-{position['global_step']:06d}"
     tmp = root / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    models.save_policy(policy, tmp)
+    models.save_policy(policy, tmp, budgets=budgets(cfg))
     torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "position": position,
                 "config": dataclasses.asdict(cfg)},
@@ -371,22 +379,20 @@ def train(cfg: TrainConfig) -> dict:
                 raise SystemExit(f"diverged: {nonfinite_run} consecutive non-finite steps at step {position['global_step']}; "
                                  f"lower --lr or raise --max-grad-norm and --resume from {out}")
             if cfg.eval_every and position["global_step"] % cfg.eval_every == 0 and probe:
-                quick = evaluation.evaluate(policy, probe, reward_cfg, cfg.max_new_tokens, progress=False,
-                                            planning_max_new_tokens=cfg.planning_max_new_tokens)
+                quick = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg), progress=False)
                 tqdm.write(f"step {position['global_step']} eval: {evaluation.one_line(quick)}")
             if cfg.save_every and position["global_step"] % cfg.save_every == 0 and step + 1 < len(steps):
                 save_checkpoint(out, policy, optimizer, generator, position, cfg)
         bar.close()
         plot_curves(metrics_path, out / "curves.png")
         if probe:  # before the end-of-stage checkpoint, so a kill during it replays the stage's end
-            summary = evaluation.evaluate(policy, probe, reward_cfg, cfg.max_new_tokens,
-                                          planning_max_new_tokens=cfg.planning_max_new_tokens)
+            summary = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg))
             (out / f"eval_{name}.json").write_text(cli.dumps(summary, indent=2) + "\n")
             summaries[name] = summary
             print(f"end of stage {name}: {evaluation.one_line(summary)}")
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
         save_checkpoint(out, policy, optimizer, generator, position, cfg)
-    models.save_policy(policy, out / "model", dtype=dtype)  # checkpoints keep the training precision
+    models.save_policy(policy, out / "model", dtype=dtype, budgets=budgets(cfg))  # checkpoints keep the training precision
     if metrics_path.exists():
         plot_curves(metrics_path, out / "curves.png")
     print(f"done in {time.time() - t0:.0f} s: model in {out / 'model'}, metrics in {metrics_path}, curves in {out / 'curves.png'}")

@@ -55,10 +55,16 @@ def test_unknown_preset_is_an_error(capsys):
     assert "unknown --preset" in capsys.readouterr().err
 
 
-def test_stage_budget_by_stage():
-    cfg = train.parse_args([])
-    assert train.grpo_config(cfg, "judgement").max_new_tokens == cfg.max_new_tokens
-    assert train.grpo_config(cfg, "planning").max_new_tokens == cfg.planning_max_new_tokens
+def test_stage_budget_by_stage(tmp_path):
+    cfg = train.parse_args([])  # the tiny model: 4 / 48 tokens
+    assert train.grpo_config(cfg, "judgement").max_new_tokens == 4
+    assert train.grpo_config(cfg, "planning").max_new_tokens == 48
+    explicit = train.parse_args(["--max-new-tokens", "7", "--planning-max-new-tokens", "9"])
+    assert (train.grpo_config(explicit, "counting").max_new_tokens, train.grpo_config(explicit, "all").max_new_tokens) == (7, 9)
+    real = train.parse_args(["--model", "/models/Qwen2.5-VL-7B-Instruct"])  # any real model: the paper's 2,048
+    assert train.budgets(real) == (2048, 2048)
+    (tmp_path / "rewardmap.json").write_text('{"max_new_tokens": 5, "planning_max_new_tokens": 40}')
+    assert train.budgets(train.parse_args(["--model", str(tmp_path)])) == (5, 40)  # a folder train.py saved
 
 
 @pytest.mark.parametrize("argv", [["--kl-coef", "-0.1"], ["--clip-eps", "0"], ["--top-p", "1.5"], ["--temperature", "-1"]])
