@@ -183,10 +183,14 @@ def plus_answer(response: str) -> str:
 
 
 def official_gold(sample: Sample) -> int:
-    """The released Plus gold answer from our normalised one: TorF 1/0, Counting1 0-3, Counting2/3 the int."""
+    """The released Plus gold answer from our normalised one (or the released encoding itself): TorF 1/0,
+    Counting1 0-3, Counting2/3 the int. Raises ValueError on an answer of neither form."""
+    answer = str(sample.answer).strip()
     if sample.qtype.startswith("torf"):
-        return 1 if sample.answer == "yes" else 0
-    return "ABCD".index(sample.answer.upper()) if sample.qtype == "counting1" else int(sample.answer)
+        return 1 if answer.lower() in ("yes", "1", "true") else 0
+    if sample.qtype == "counting1" and len(answer) == 1 and answer.upper() in "ABCD":
+        return "ABCD".index(answer.upper())
+    return int(answer)
 
 
 def plus_correct(qtype: str, response: str, gold: int) -> bool:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+import released
 from metro import MAP_DIFFICULTIES, PLUS_QTYPES, TORF_QTYPES, Metro, Sample, best_route
 
 MAX_RESPONSE_CHARS = 100_000  # ~25k tokens, 12x the 2,048-token response limit; the rest is ignored
@@ -56,9 +57,20 @@ class RewardConfig:
     count costs 5, so a rambling answer would otherwise reach -160 and swamp a GRPO group's std, flattening
     every other advantage. None reproduces the unfloored value."""
 
+    parsing: str = "released"
+    """How correctness reads an answer (docs/rewardmap.md §3.3). 'released' (default): exactly as the authors'
+    released reward code does (released.py: the official ReasonMap-Plus answer extraction, with its fallbacks
+    when there is no box; the strict planning parser: exact keys, text after the last arrival kept, route
+    names exact metro keys), so the reward agrees with the evaluation Table 1 was computed with. 'lenient':
+    this project's reading of the paper's text (the last complete box; keys in any case or bold, route names
+    lightly normalised). With 'released' parsing and the 'released' detail variant the detail reward is the
+    released code's too (its parser); otherwise Algorithm 1 runs on the lenient parse."""
+
     def __post_init__(self):
         if self.detail_variant not in ("paper", "released"):
             raise ValueError(f"detail_variant must be 'paper' or 'released', got {self.detail_variant!r}")
+        if self.parsing not in ("released", "lenient"):
+            raise ValueError(f"parsing must be 'released' or 'lenient', got {self.parsing!r}")
 
 
 @dataclass
@@ -358,20 +370,26 @@ def transfer_count(sample: Sample) -> int:
     return max(0, len(route) - 1) if route else 0
 
 
-def is_correct(sample: Sample, response: str) -> bool:
-    """Is the response right, for any question type? (`planning_correct`, or the Plus rule of
-    `plus_scores`.) Never raises on the response."""
+def is_correct(sample: Sample, response: str, parsing: str = "released") -> bool:
+    """Is the response right, for any question type? `parsing` 'released': the released reward code's
+    verdict (released.py); 'lenient': `planning_correct` or the Plus rule of `plus_scores`. Never raises
+    on the response."""
+    s1, s2 = sample.station_1 or "", sample.station_2 or ""
+    if parsing == "released":
+        if sample.qtype == "planning":
+            return released.reward_planning_correct(response, sample.metro, s1, s2)
+        return released.plus_correct(sample.qtype, response, released.official_gold(sample))
     if sample.qtype == "planning":
-        return planning_correct(response, sample.metro, sample.station_1 or "", sample.station_2 or "")
+        return planning_correct(response, sample.metro, s1, s2)
     return plus_scores(sample, response)[1]
 
 
 def reward(sample: Sample, response: str, cfg: RewardConfig = RewardConfig()) -> Reward:
     """Score one response (docs/rewardmap.md §3.1): R = W * (R_format + R_correctness + alpha * R_detail).
 
-    Plus types: format = one `\\boxed{}` (see `plus_scores`), correctness on the boxed answer, no detail.
-    Planning: format = at least one parsed segment, correctness = `planning_correct`, detail =
-    `detail_reward(cfg.detail_variant, floor=cfg.detail_floor)`. Never raises on the response; raises
+    Plus types: format = one `\\boxed{}` holding an answer of the question's kind (see `plus_scores`), no
+    detail. Planning: format = at least one parsed segment, detail = `detail_reward(cfg.detail_variant,
+    floor=cfg.detail_floor)`. Correctness: `is_correct(..., cfg.parsing)`. Never raises on the response; raises
     ValueError on a malformed sample (unknown qtype or map difficulty)."""
     if not isinstance(response, str):
         response = ""
@@ -379,15 +397,17 @@ def reward(sample: Sample, response: str, cfg: RewardConfig = RewardConfig()) ->
         t = transfer_count(sample)
         s1, s2 = sample.station_1 or "", sample.station_2 or ""
         fmt = bool(parse_segments(response))
-        correct = planning_correct(response, sample.metro, s1, s2)
-        detail = (
-            detail_reward(response, sample.metro, s1, s2, t, cfg.detail_variant, cfg.detail_floor)
-            if cfg.use_detail
-            else 0.0
-        )
+        correct = is_correct(sample, response, cfg.parsing)
+        detail = 0.0
+        if cfg.use_detail and cfg.parsing == "released" and cfg.detail_variant == "released":
+            detail = released.reward_detail(response, sample.metro, s1, s2, t)  # the released code, exactly
+            detail = detail if cfg.detail_floor is None else max(detail, float(cfg.detail_floor))
+        elif cfg.use_detail:
+            detail = detail_reward(response, sample.metro, s1, s2, t, cfg.detail_variant, cfg.detail_floor)
         weight = difficulty_weight(sample.map_difficulty, t, cfg)
     elif sample.qtype in PLUS_QTYPES:
-        fmt, correct = plus_scores(sample, response)
+        fmt = plus_scores(sample, response)[0]
+        correct = is_correct(sample, response, cfg.parsing)
         detail = 0.0
         weight = difficulty_weight(sample.map_difficulty, None, cfg)
     else:

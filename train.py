@@ -64,6 +64,7 @@ class TrainConfig:
     detail_variant: str = _f("paper", "detail reward: 'paper' (Algorithm 1 as written) | 'released' (the authors' code)")
     format_score: float = _f(1.0, "reward for an answer in the required format (the released code has no format term: 0)")
     no_detail_floor: bool = _f(False, "let the detail reward go below -10 (Algorithm 1 and the released code have no floor)")
+    lenient_parsing: bool = _f(False, "judge correctness by this project's lenient reading of answers, not the released reward code's")
     # GRPO (docs/rewardmap.md §4)
     group_size: int = _f(8, "G: responses sampled per prompt")
     batch_size: int = _f(8, "prompts per GRPO step")
@@ -173,7 +174,8 @@ def reward_config(cfg: TrainConfig) -> rewards.RewardConfig:
     return rewards.RewardConfig(alpha=cfg.alpha, use_detail=not cfg.no_detail_reward,
                                 use_difficulty=not cfg.no_difficulty_weight, gammas=tuple(cfg.gammas),
                                 betas=tuple(cfg.betas), detail_variant=cfg.detail_variant,
-                                format_score=cfg.format_score, detail_floor=None if cfg.no_detail_floor else -10.0)
+                                format_score=cfg.format_score, detail_floor=None if cfg.no_detail_floor else -10.0,
+                                parsing="lenient" if cfg.lenient_parsing else "released")
 
 
 def budgets(cfg: TrainConfig) -> tuple[int, int]:

@@ -23,6 +23,8 @@ from rewards import (
     reward,
 )
 
+LENIENT = RewardConfig(parsing="lenient")  # this project's reading of the paper's text (docs/rewardmap.md §3.3)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Name normalisation (docs/rewardmap.md §3.3)
@@ -197,7 +199,8 @@ def test_paper_example_clarke_quay_farrer_park(sg):
     assert inner == ["Dhoby Ghaut Station", "Little India Station"]
     s = plus_sample("counting1", "B", station_1="Clarke Quay Station", station_2="Farrer Park Station", choices=[1, 2, 3, 4])
     assert reward(s, "There are 2 stops between them. \\boxed{B}").correctness == 10
-    assert reward(s, "\\boxed{B) 2}").correctness == 10
+    assert reward(s, "\\boxed{B) 2}", LENIENT).correctness == 10
+    assert reward(s, "\\boxed{B) 2}").correctness == 0  # the released extraction reads "b)2"
     assert reward(s, "\\boxed{2}").correctness == 0  # the letter is the answer (released evaluation)
     planning = Sample(id="p", qtype="planning", question="", answer="", image=None, metro=sg, map_difficulty="easy",
                       station_1="Clarke Quay Station", station_2="Farrer Park Station", transfer_count=0)  # fmt: skip
@@ -237,7 +240,7 @@ def test_paper_example_somerset_bras_basah(sg):
     ],
 )
 def test_torf_answers(response, fmt, correct):
-    r = reward(plus_sample("torf2", "yes", line="Line 1"), response)
+    r = reward(plus_sample("torf2", "yes", line="Line 1"), response, LENIENT)
     assert (r.format, r.correctness) == (fmt, correct)
 
 
@@ -248,7 +251,7 @@ def test_torf_answers(response, fmt, correct):
 )  # fmt: skip
 def test_counting1_answers(content, correct):
     s = plus_sample("counting1", "C", choices=[5, 6, 7, 8])
-    assert (reward(s, f"\\boxed{{{content}}}").correctness == 10) is correct
+    assert (reward(s, f"\\boxed{{{content}}}", LENIENT).correctness == 10) is correct
 
 
 @pytest.mark.parametrize(
@@ -258,7 +261,7 @@ def test_counting1_answers(content, correct):
 )  # fmt: skip
 def test_integer_answers(content, correct):
     for qtype in ("counting2", "counting3"):
-        assert (reward(plus_sample(qtype, "3"), f"\\boxed{{{content}}}").correctness == 10) is correct
+        assert (reward(plus_sample(qtype, "3"), f"\\boxed{{{content}}}", LENIENT).correctness == 10) is correct
 
 
 def test_format_needs_an_answer_of_the_questions_kind():
@@ -270,6 +273,30 @@ def test_format_needs_an_answer_of_the_questions_kind():
     assert reward(choice, "\\boxed{2}").format == 0 and reward(choice, "\\boxed{B)}").format == 1
     assert reward(torf, "\\boxed{3}").format == 0 and reward(torf, "\\boxed{No.}").format == 1
     assert reward(count, "\\boxed{3 lines}").format == 0 and reward(count, "\\boxed{ 3 }").format == 1
+
+
+@pytest.mark.parametrize("qtype, gold, response, correct", [
+    ("torf1", "yes", "\\boxed{yes}", True), ("torf1", "yes", "Yes", True), ("torf1", "yes", "\\boxed{\\text{Yes}}", False),
+    ("torf1", "no", "**No**", False), ("torf1", "no", "The answer is no.", True), ("counting1", "B", "B", True),
+    ("counting1", "B", "\\boxed{(B)}", False), ("counting1", "B", "The answer is B.", True),
+    ("counting2", "3", "3", True), ("counting2", "3", "\\boxed{03}", True), ("counting2", "3", "\\boxed{3.0}", False),
+])  # fmt: skip
+def test_default_correctness_is_the_released_reward_codes(qtype, gold, response, correct):
+    """By default the reward's correctness is the released reward code's (= the official ReasonMap-Plus
+    extraction): bare answers and 'The answer is' count, LaTeX-wrapped or bracketed ones do not."""
+    assert (reward(plus_sample(qtype, gold), response).correctness == 10) is correct
+
+
+def test_default_planning_correctness_is_strict():
+    """The released parser: exact keys, and the text after the last arrival belongs to the arrival."""
+    route = ans(("Line 1", "A", "C"), ("Line 2", "C", "E"))
+    sample = Sample(id="p", qtype="planning", question="", answer="", image=None, metro=CHAIN, station_1="A",
+                    station_2="E", transfer_count=1)
+    assert reward(sample, route).correctness == 10
+    assert reward(sample, route + "\nThat is the route.").correctness == 0
+    assert reward(sample, route + "\nThat is the route.", LENIENT).correctness == 10
+    assert reward(sample, route.replace("Route Name", "route name")).correctness == 0
+    assert reward(sample, route.replace("Route Name", "route name"), LENIENT).correctness == 10
 
 
 def test_gold_answer_variants():

@@ -161,8 +161,10 @@ def test_best_route_is_correct_with_maximal_detail(name, metro, draw_data, style
     if style != 3:  # the released variant matches route names exactly, so no markdown there
         assert detail_reward(text, metro, s1, s2, t, "released") == (1 if t == 0 else min(4 * t, 10))
     assert map_score(text, metro, s1, s2, [route]) == min(10, 1 + 4 * len(route)) + 10
-    r = reward(planning_sample(metro, s1, s2, t), text)
+    r = reward(planning_sample(metro, s1, s2, t), text, RewardConfig(parsing="lenient"))
     assert r.correctness == 10 and r.format == 1
+    if style in (0, 2):  # the released parser: exact keys, nothing after the last arrival
+        assert reward(planning_sample(metro, s1, s2, t), text).correctness == 10
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -138,3 +138,5 @@ def test_released_preset_is_the_authors_script():
     default = train.grpo_config(train.parse_args([]), "judgement")
     assert (default.entropy_coef, default.kl_clamp) == (0.0, None)
     assert train.reward_config(train.parse_args([])).detail_floor == -10.0
+    assert train.reward_config(train.parse_args([])).parsing == "released"
+    assert train.reward_config(train.parse_args(["--lenient-parsing"])).parsing == "lenient"
