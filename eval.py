@@ -30,13 +30,15 @@ import grpo
 import model as models
 import rewards
 from metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
+from released import official_correct, official_map_score  # the evaluators Table 1 used
 from rewards import transfer_count
 
 
 def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, progress: bool = True,
-             long: bool = False, planning_max_new_tokens: int | None = None) -> list[str]:
-    """Greedy responses, returned in input order. Prompts are batched by kind (planning questions get
-    `planning_max_new_tokens`, the others `max_new_tokens`) and by prompt length (less padding)."""
+             long: bool = False, planning_max_new_tokens: int | None = None) -> tuple[list[str], list[bool]]:
+    """Greedy responses and whether each was cut by its token budget, in input order. Prompts are batched by
+    kind (planning questions get `planning_max_new_tokens`, the others `max_new_tokens`) and by prompt length
+    (less padding)."""
     if long:  # planning questions in their long form (via stops), the others unchanged
         samples = [Sample(**{**asdict(s), "question": s.question_long}) if s.qtype == "planning" and s.question_long else s
                    for s in samples]
@@ -44,7 +46,7 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
         return (planning_max_new_tokens or max_new_tokens) if s.qtype == "planning" else max_new_tokens
 
     order = sorted(range(len(samples)), key=lambda i: (budget(samples[i]), len(samples[i].question)))
-    out: list[str] = [""] * len(samples)
+    out, truncated = [""] * len(samples), [False] * len(samples)
     bar = tqdm(total=len(samples), desc="eval", disable=not progress, dynamic_ncols=True)
     start = 0
     while start < len(order):
@@ -52,40 +54,50 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
         idx = [i for i in order[start : start + batch_size] if budget(samples[i]) == tokens]
         rollout = grpo.sample_groups(policy, [samples[i] for i in idx], group_size=1, max_new_tokens=tokens,
                                      temperature=0.0)
-        for i, text in zip(idx, rollout.texts):
-            out[i] = text
+        for i, text, done in zip(idx, rollout.texts, rollout.finished.tolist()):
+            out[i], truncated[i] = text, not done
         bar.update(len(idx))
         start += len(idx)
     bar.close()
-    return out
+    return out, truncated
 
 
 def evaluate(policy, samples: list, reward_cfg=None, max_new_tokens: int = 64, planning_max_new_tokens: int | None = None,
              batch_size: int = 16, progress: bool = True, long: bool = False) -> dict:
-    """Metrics of the paper's Table 1 on `samples`, plus per-type accuracy and every record."""
+    """Metrics of the paper's Table 1 on `samples`, plus per-type accuracy, the number of responses cut by
+    their token budget (`truncated`: a response that never finished is scored as it stands) and every record."""
     reward_cfg = reward_cfg or rewards.RewardConfig()
-    responses = generate(policy, samples, max_new_tokens, batch_size, progress, long, planning_max_new_tokens)
+    responses, truncated = generate(policy, samples, max_new_tokens, batch_size, progress, long, planning_max_new_tokens)
     summary = metrics_for(samples, responses, long=long)
+    summary["truncated"] = sum(truncated)
     summary["records"] = [
-        {"id": s.id, "qtype": s.qtype, "map_difficulty": s.map_difficulty, "question": s.question_long if long and s.qtype == "planning" and s.question_long else s.question,
-         "answer": s.answer, "response": r, "image": s.image, "reward": asdict(rewards.reward(s, r, reward_cfg))}
-        for s, r in zip(samples, responses)
+        {"id": s.id, "qtype": s.qtype, "map_difficulty": s.map_difficulty,
+         "question": s.question_long if long and s.qtype == "planning" and s.question_long else s.question,
+         "answer": s.answer, "response": r, "truncated": cut, "image": s.image,
+         "reward": asdict(rewards.reward(s, r, reward_cfg))}
+        for s, r, cut in zip(samples, responses, truncated)
     ]
     return summary
 
 
 def metrics_for(samples: list, responses: list[str], long: bool = False) -> dict:
-    """Table 1 columns and per-type accuracy from responses already generated."""
+    """Table 1 columns and per-type accuracy from responses already generated.
+
+    `plus` / `planning` / `per_type_accuracy` use the official evaluators' verdicts and map score (released.py,
+    quirks included) with the paper's difficulty weights: the numbers to compare with Table 1. `ours` holds
+    the same columns by this project's lenient scorers (docs/rewardmap.md §6.3 lists the differences)."""
     plus = [(s, r) for s, r in zip(samples, responses) if s.qtype != "planning"]
     plan = [(s, r) for s, r in zip(samples, responses) if s.qtype == "planning"]
-    summary: dict = {"n": len(samples)}
+    summary: dict = {"n": len(samples), "ours": {}}
     if plus:
         summary["plus"] = plus_accuracy(*map(list, zip(*plus)))
+        summary["ours"]["plus"] = plus_accuracy(*map(list, zip(*plus)), official=False)
     if plan:
         summary["planning"] = planning_scores(*map(list, zip(*plan)), long=long)
+        summary["ours"]["planning"] = planning_scores(*map(list, zip(*plan)), long=long, official=False)
     per_type: dict[str, list[float]] = {}
     for s, r in zip(samples, responses):
-        per_type.setdefault(s.qtype, []).append(float(rewards.is_correct(s, r)))
+        per_type.setdefault(s.qtype, []).append(float(official_correct(s, r, long)))
     summary["per_type_accuracy"] = {q: sum(v) / len(v) for q, v in sorted(per_type.items())}
     return summary
 
@@ -109,18 +121,21 @@ def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
     return sum(w * x for w, x in pairs) / total if total > 0 else float("nan")
 
 
-def plus_accuracy(samples: list[Sample], responses: list[str]) -> dict:
+def plus_accuracy(samples: list[Sample], responses: list[str], official: bool = True) -> dict:
     """ReasonMap-Plus weighted accuracy (docs/rewardmap.md §6.1), overall and split Count / TorF, plus per type.
 
-    Returns {'weighted_acc', 'count', 'torf', 'acc' (unweighted), 'per_type': {qtype: weighted acc},
-    'n', 'correct': [bool per sample]}. Planning samples are not allowed here."""
+    Verdicts: the official ReasonMap-Plus evaluator's (`official_correct`, released.py), or with `official=False`
+    this project's lenient rule (rewards.plus_scores). Returns {'weighted_acc', 'count', 'torf', 'acc'
+    (unweighted: what the official cal_metrics.py reports), 'per_type': {qtype: weighted acc}, 'n',
+    'correct': [bool per sample]}. Planning samples are not allowed here."""
     if len(samples) != len(responses):
         raise ValueError(f"{len(samples)} samples but {len(responses)} responses")
     for s in samples:  # bad data, not a bad response: say which sample
         if s.qtype not in PLUS_QTYPES or s.map_difficulty not in REASONMAP_PLUS_WEIGHTS:
             raise ValueError(f"sample {s.id}: plus_accuracy takes ReasonMap-Plus questions on easy/middle/hard "
                              f"maps, got qtype {s.qtype!r}, map difficulty {s.map_difficulty!r}")
-    correct = [rewards.plus_scores(s, r)[1] for s, r in zip(samples, responses)]
+    correct = [official_correct(s, r) if official else rewards.plus_scores(s, r)[1]
+               for s, r in zip(samples, responses)]
     rows = [(s.qtype, REASONMAP_PLUS_WEIGHTS[s.map_difficulty], float(c)) for s, c in zip(samples, correct)]
     by = lambda types: _weighted_mean([(w, x) for q, w, x in rows if q in types])  # noqa: E731
     return {
@@ -193,10 +208,13 @@ def _question_difficulty(sample: Sample, transfers: int) -> str:
     return question_difficulty(transfers)
 
 
-def planning_scores(samples: list[Sample], responses: list[str], long: bool = False) -> dict:
+def planning_scores(samples: list[Sample], responses: list[str], long: bool = False, official: bool = True) -> dict:
     """ReasonMap planning metrics (docs/rewardmap.md §6.2) for short (`long=False`) or long answers.
 
-    Returns {'weighted_acc', 'acc', 'weighted_map_score', 'map_score', 'n', 'correct'}, weighted by
+    Verdicts and map score: the official main.py's (`official_correct` / `official_map_score` from released.py, with
+    the row's own reference plans), or with `official=False` this project's (`rewards.planning_correct`,
+    `map_score`). Returns {'weighted_acc', 'acc', 'weighted_map_score', 'map_score', 'n', 'correct'}
+    ('acc' and 'map_score' unweighted: what the official cal_metrics.py reports), weighted by
     `REASONMAP_WEIGHTS[(question difficulty, map difficulty)]` (question difficulty from the sample, else
     0 / 1 / >= 2 transfers = easy / medium / hard). Long answers use the via-stop variant of the sample's
     long template (`Via Stops:` list if it asks for one, else `Number of Via Stops`). Reference plans:
@@ -206,16 +224,19 @@ def planning_scores(samples: list[Sample], responses: list[str], long: bool = Fa
     acc_rows, map_rows, correct = [], [], []
     for s, r in zip(samples, responses):
         s1, s2 = s.station_1 or "", s.station_2 or ""
-        ok = rewards.planning_correct(r, s.metro, s1, s2)
-        via = None
-        if long:
-            q = s.question_long or ""
-            via = "list" if ("Via Stops:" in q and "Number of Via Stops" not in q) else "count"
-        refs = s.routes or ([s.route] if s.route else [])
         w = REASONMAP_WEIGHTS[(_question_difficulty(s, transfer_count(s)), s.map_difficulty)]
+        if official:
+            ok, score = official_correct(s, r, long), official_map_score(s, r, long)
+        else:
+            via = None
+            if long:
+                q = s.question_long or ""
+                via = "list" if ("Via Stops:" in q and "Number of Via Stops" not in q) else "count"
+            refs = s.routes or ([s.route] if s.route else [])
+            ok, score = rewards.planning_correct(r, s.metro, s1, s2), map_score(r, s.metro, s1, s2, refs, via)
         correct.append(ok)
         acc_rows.append((w, float(ok)))
-        map_rows.append((w, map_score(r, s.metro, s1, s2, refs, via)))
+        map_rows.append((w, score))
     return {
         "weighted_acc": _weighted_mean(acc_rows),
         "acc": _weighted_mean([(1.0, x) for _, x in acc_rows]),
@@ -248,19 +269,33 @@ def one_line(summary: dict) -> str:
 
 
 def table(summary: dict) -> str:
-    """The Table 1 columns and per-type accuracy as a small text table."""
-    rows = []
+    """The Table 1 columns (official evaluators, the paper's weights), this project's lenient scorers beside
+    them, and per-type accuracy, as a small text table."""
+    ours = summary.get("ours", {})
+    rows = [("", "official", "ours")]
     if "plus" in summary:
-        p = summary["plus"]
-        rows += [("ReasonMap-Plus weighted acc", _pct(p["weighted_acc"])), ("  Count", _pct(p["count"])),
-                 ("  TorF", _pct(p["torf"]))]
+        p, q = summary["plus"], ours.get("plus", {})
+        rows += [("ReasonMap-Plus weighted acc", _pct(p["weighted_acc"]), _pct(q.get("weighted_acc", NAN))),
+                 ("  Count", _pct(p["count"]), _pct(q.get("count", NAN))),
+                 ("  TorF", _pct(p["torf"]), _pct(q.get("torf", NAN))),
+                 ("  unweighted acc", _pct(p["acc"]), _pct(q.get("acc", NAN)))]
     if "planning" in summary:
-        p = summary["planning"]
-        rows += [("Planning weighted acc", _pct(p["weighted_acc"])),
-                 ("Planning weighted map score", f"{p['weighted_map_score']:.2f}")]
-    rows += [(f"accuracy {q}", _pct(a)) for q, a in summary["per_type_accuracy"].items()]
-    width = max(len(k) for k, _ in rows)
-    return "\n".join(f"{k:<{width}}  {v:>8}" for k, v in rows)
+        p, q = summary["planning"], ours.get("planning", {})
+        rows += [("Planning weighted acc", _pct(p["weighted_acc"]), _pct(q.get("weighted_acc", NAN))),
+                 ("Planning weighted map score", _num(p["weighted_map_score"]), _num(q.get("weighted_map_score", NAN))),
+                 ("  unweighted acc", _pct(p["acc"]), _pct(q.get("acc", NAN))),
+                 ("  unweighted map score", _num(p["map_score"]), _num(q.get("map_score", NAN)))]
+    rows += [(f"accuracy {q}", _pct(a), "") for q, a in summary["per_type_accuracy"].items()]
+    width = max(len(k) for k, _, _ in rows)
+    return "\n".join(f"{k:<{width}}  {a:>8}  {b:>8}".rstrip() for k, a, b in rows)
+
+
+def _num(x: float) -> str:
+    """A score with two decimals; 'n/a' for an empty split."""
+    return "n/a" if x != x else f"{x:.2f}"
+
+
+NAN = float("nan")
 
 
 def _thumbnail(path: str | None, width: int = 720) -> str:
@@ -344,6 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "eval.json").write_text(cli.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     write_html(summary, out / "eval.html")
     print(table(summary))
+    print(f"{summary['truncated']} of {summary['n']} responses hit their token budget (scored as they stand)")
     print(f"wrote {out / 'eval.json'} and {out / 'eval.html'}")
     return summary
 

@@ -10,6 +10,7 @@ import dataclasses
 import io
 import json
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -21,7 +22,7 @@ import maps
 import synthetic
 from conftest import REAL_CITIES
 from conftest import REAL_METRO as REAL
-from metro import LETTERS, MAP_DIFFICULTIES, QTYPES, best_route, clean_metro, load_metro, route_text, strip_suffix, via_stops
+from metro import LETTERS, Sample, MAP_DIFFICULTIES, QTYPES, best_route, clean_metro, load_metro, route_text, strip_suffix, via_stops
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -525,3 +526,297 @@ def test_questions_on_real_metro_data():
                 line = next(li for li in metro if s.station_1 in metro[li] and s.station_2 in metro[li])
                 if len(set(metro[line])) == len(metro[line]) - (metro[line][0] == metro[line][-1]):
                     assert s.choices[LETTERS.index(s.answer)] == stops_between(metro[line], s.station_1, s.station_2)
+
+
+
+# ------------------------------------------------------------------------------------------ released-layout fixtures
+# tests/data/released: hand-made imitations of ReasonMap (validation, rows without `type`), ReasonMap-Plus
+# (train / test) and ReasonMap-Train (train: Plus repeats + planning); see its README.md
+
+RELEASED = Path(__file__).resolve().parent / "data" / "released"
+ALL_CITIES = ("los_angeles", "miami", "new_york", "washington", "sydney", "toronto", "beijing", "changsha",
+              "changzhou", "dalian", "guiyang", "hangzhou", "hefei", "huhehaote", "jinan", "kunming", "nanchang",
+              "nanning", "shanghai", "shenzhen", "xian", "budapest", "rome", "kl", "auckland", "oslo", "lisboa",
+              "singapore", "geneva", "dubai")  # the 30 cities of ReasonMap's stations/ folder
+OFFICIAL = {"los_angeles", "miami", "toronto", "singapore", "auckland", "rome", "lisboa", "beijing", "hangzhou",
+            "budapest", "geneva"}  # ReasonMap cal_metrics.py city_list
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+@pytest.fixture
+def released(tmp_path):
+    """A private copy of tests/data/released (decoded base64 figures are cached next to the data)."""
+    shutil.copytree(RELEASED, tmp_path / "released")
+    return tmp_path / "released"
+
+
+def test_released_fixture_files_are_small_and_metro_files_are_the_shipped_ones():
+    files = [f for f in RELEASED.rglob("*") if f.is_file()]
+    assert sum(f.stat().st_size for f in files) < 100_000
+    for png in RELEASED.glob("maps/*/*.png"):
+        assert png.stat().st_size < 1000 and Image.open(png).format == "PNG"
+    for f in RELEASED.glob("stations/*/*.json"):
+        assert f.read_bytes() == (REAL / f.relative_to(RELEASED / "stations")).read_bytes()
+
+
+def test_reasonmap_validation_rows_without_type_load_as_planning(released):
+    folder = released / "ReasonMap"
+    rows = read_jsonl(folder / "validation.jsonl")
+    assert all("type" not in r for r in rows)
+    assert data.dataset_splits(folder) == ["validation"]
+    samples = data.load_samples(folder, "validation")
+    assert [s.qtype for s in samples] == ["planning"] * 5
+    assert [s.city for s in samples] == ["beijing", "beijing", "singapore", "singapore", "shanghai"]
+    assert [s.id for s in samples] == [f"validation-{n}" for n in range(1, 6)] and {s.split for s in samples} == {"validation"}
+    for s, r in zip(samples, rows):
+        assert s.question == r["question_short"] and s.question_long == r["question_long"]
+        assert (s.station_1, s.station_2) == (r["station_1"], r["station_2"])
+        assert s.metro == clean_metro(r["json"])  # the inline metro dict
+        assert s.transfer_count == r["question_transfer_count"] == min_transfers(s.metro, s.station_1, s.station_2)
+        assert s.question_difficulty == {"easy": "easy", "middle": "medium"}[r["difficulty_question"]]
+        check_route(s.metro, s.route, s.station_1, s.station_2)
+        assert s.answer == route_text(s.route)
+        # reference plans kept exactly as the row gives them (route_name, stops without 站 / Station, via stops)
+        assert s.reference_plans == list(r["routes"].values())
+        assert len(s.routes) == len(r["routes"])
+        assert s.extra["city_line_count"] == r["city_line_count"] and s.map_difficulty == r["difficulty_city"]
+        with Image.open(s.image) as im:  # base64 figure decoded next to the data
+            assert im.size == Image.open(released / "maps" / r["country"] / f"{s.city}.png").size
+    b = samples[0]
+    assert b.reference_plans[0][1] == {"route_name": "地铁13号线(西直门--东直门)", "departure_stop": "西直门",
+                                       "arrival_stop": "五道口", "via_stops": ["大钟寺", "知春路"], "num_via_stops": 2}
+    assert b.routes[0] == [("地铁2号线(外环)", "积水潭", "西直门"), ("地铁13号线(西直门--东直门)", "西直门", "五道口")]
+    assert b.route == [("Line 2", "积水潭站", "西直门站"), ("Line 13", "西直门站", "五道口站")]
+    assert samples[3].reference_plans[0][0]["route_name"] == "North East Line"
+    assert samples[3].reference_plans[0][0]["departure_stop"] == "Chinatown"
+    assert samples[3].route == [("North East Line", "Chinatown Station", "Serangoon Station"),
+                                ("Circle Line", "Serangoon Station", "Bishan Station")]
+    # split None reads the validation split too; a missing split names it
+    assert [s.id for s in data.load_samples(folder)] == [s.id for s in samples]
+    with pytest.raises(FileNotFoundError, match="no test data"):
+        data.load_samples(folder, "test")
+
+
+@pytest.mark.parametrize("row,error", [
+    ({"question_short": "short", "station_1": "A Station", "station_2": "C Station"}, None),
+    ({"question_long": "long", "station_1": "A Station", "station_2": "C Station"}, None),
+    ({"routes": {"plan_1": [{"route_name": "Line 1", "departure_stop": "A", "arrival_stop": "C"}]},
+      "question": "q", "station_1": "A Station", "station_2": "C Station"}, None),
+    ({"station_1": "A Station", "station_2": "C Station"}, "question"),  # planning, but no prompt text at all
+    ({"question": "q", "station_1": "A Station", "station_2": "C Station"}, "type"),  # a Plus row missing its type
+    ({"question": "q", "answer": 1}, "type"),
+    ({"question_short": None, "routes": None, "question": "q", "station_1": "A Station"}, "type"),
+])
+def test_rows_without_type(tmp_path, row, error):
+    metro = {"Line 1": ["A Station", "B Station", "C Station"]}
+    good = {"type": "TorF1", "question": "q", "answer": 1, "json": metro, "difficulty_city": "easy"}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n" + json.dumps({"json": metro, "difficulty_city": "easy", **row}) + "\n")
+    if error is not None:
+        with pytest.raises(ValueError) as e:
+            data.load_samples(path)
+        msg = str(e.value)
+        assert str(path) in msg and "row 2" in msg and f"field '{error}'" in msg, msg
+        return
+    s = data.load_samples(path)[1]
+    assert s.qtype == "planning" and s.route == [("Line 1", "A Station", "C Station")] and s.transfer_count == 0
+    assert s.question == next(row[k] for k in ("question", "question_short", "question_long") if k in row)
+    assert s.answer == route_text(s.route) and s.question_difficulty == "easy"
+
+
+def test_validation_split_everywhere(released, tmp_path):
+    rows = read_jsonl(released / "ReasonMap" / "validation.jsonl")
+    # a plain folder: validation.jsonl, and data/validation-*.parquet shards
+    assert len(data.load_samples(released / "ReasonMap", "validation")) == 5
+    # a single file whose rows carry a split field
+    mixed = [{**r, "split": sp} for r, sp in zip(rows, ["validation", "train", "validation", "test", "validation"])]
+    (tmp_path / "mixed.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in mixed) + "\n")
+    shutil.copytree(released / "maps", tmp_path / "maps")
+    got = data.load_samples(tmp_path / "mixed.jsonl", "validation")
+    assert [s.station_1 for s in got] == [rows[k]["station_1"] for k in (0, 2, 4)]
+    # export: validation samples get their own file and read back as validation
+    out = tmp_path / "export"
+    counts = data.export_dataset(data.load_samples(released / "ReasonMap", "validation"), out)
+    assert counts == {"train": 0, "test": 0, "validation": 5} and data.dataset_splits(out) == list(data.SPLITS)
+    back = data.load_samples(out, "validation")
+    assert [s.route for s in back] == [s.route for s in data.load_samples(released / "ReasonMap", "validation")]
+    assert [s.reference_plans for s in back] == [list(r["routes"].values()) for r in rows]
+    assert {s.split for s in back} == {"validation"}
+
+
+def test_validation_split_of_a_huggingface_folder(released):
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("pyarrow")
+    rows = read_jsonl(released / "ReasonMap" / "validation.jsonl")
+    # as published: one `validation` split, figures base64 text, metro dicts a struct column
+    datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)}).save_to_disk(str(released / "ReasonMap-hf"))
+    assert data.dataset_splits(released / "ReasonMap-hf") == ["validation"]
+    hf = data.load_samples(released / "ReasonMap-hf", "validation")
+    plain = data.load_samples(released / "ReasonMap", "validation")
+    assert [(s.qtype, s.metro, s.route, s.transfer_count) for s in hf] == [(s.qtype, s.metro, s.route, s.transfer_count)
+                                                                          for s in plain]
+    assert [s.reference_plans for s in hf] == [s.reference_plans for s in plain]  # plan_2 padding dropped
+    assert [s.id for s in hf] == [f"validation-{n}" for n in range(1, 6)]
+    assert len(data.load_samples(released / "ReasonMap-hf")) == 5
+    train, test = data.load_data(str(released / "ReasonMap-hf"))
+    assert train == [] and {s.city for s in test} == {"beijing", "singapore"}
+    # ReasonMap-Train as download_dataset.py saves it: a DatasetDict with only `train` (no test to fall back on)
+    rows = read_jsonl(released / "data" / "ReasonMap-Train" / "train.jsonl")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(
+        str(released / "data" / "ReasonMap-Train-hf"))
+    train, test = data.load_data(str(released / "data" / "ReasonMap-Train-hf"))
+    assert len(train) == 6 and test == []
+
+
+def test_official_test_cities():
+    assert data.TEST_CITIES == ("los_angeles", "miami", "toronto", "singapore", "auckland", "rome", "lisboa",
+                                "beijing", "hangzhou", "budapest", "geneva")
+    assert set(data.TEST_CITIES) == OFFICIAL and set(data.TEST_CITIES) <= set(ALL_CITIES)
+    samples = [Sample(id=f"{c}-{k}", qtype="torf1", question="q", answer="yes", image=None, metro={}, city=c)
+               for c in ALL_CITIES for k in range(2)]
+    kept = data.official_test_subset(samples)
+    assert {s.city for s in kept} == OFFICIAL and len(kept) == 22
+    assert [s.id for s in kept] == [s.id for s in samples if s.city in OFFICIAL]  # order kept
+    assert data.official_test_subset(samples, ("shanghai",)) == [s for s in samples if s.city == "shanghai"]
+
+
+def test_load_samples_city_filter(released, tmp_path):
+    folder = released / "ReasonMap"
+    kept = data.load_samples(folder, "validation", cities=data.TEST_CITIES)
+    assert [s.city for s in kept] == ["beijing", "beijing", "singapore", "singapore"]
+    assert [s.id for s in kept] == ["validation-1", "validation-2", "validation-3", "validation-4"]  # row numbers kept
+    assert kept == data.official_test_subset(data.load_samples(folder, "validation"))
+    assert [s.id for s in data.load_samples(folder, "validation", cities=["shanghai"])] == ["validation-5"]
+    # rows of other cities are not read, so their errors do not stop the evaluation subset
+    rows = read_jsonl(folder / "validation.jsonl")
+    rows[4]["difficulty_city"] = "extreme"
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "validation.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows))
+    assert len(data.load_samples(tmp_path / "v", "validation", cities=data.TEST_CITIES)) == 4
+    with pytest.raises(ValueError, match=r"validation.jsonl: row 5: field 'difficulty_city'"):
+        data.load_samples(tmp_path / "v", "validation")
+
+
+def _metro_of(released, country, city):
+    return load_metro(released / "stations" / country / f"{city}.json")
+
+
+def test_reasonmap_plus_fixture(released):
+    folder = released / "data" / "ReasonMap-Plus"
+    assert data.dataset_splits(folder) == ["train", "test"]
+    test, train = data.load_samples(folder, "test"), data.load_samples(folder, "train")
+    assert len(test) == 11 and len(train) == 5 and {s.split for s in test} == {"test"}
+    assert {s.city for s in test} == {"beijing", "singapore"} <= set(data.TEST_CITIES)
+    assert {s.city for s in train} == {"shanghai"} and "shanghai" not in data.TEST_CITIES
+    for city in ("beijing", "singapore"):
+        assert {s.qtype for s in test if s.city == city} == {"torf1", "torf2", "counting1", "counting2", "counting3"}
+    assert {s.qtype for s in train} == {"torf1", "torf2", "counting1", "counting2", "counting3"}
+    rows = read_jsonl(folder / "test.jsonl") + read_jsonl(folder / "train.jsonl")
+    for s, r in zip(test + train, rows):
+        m = _metro_of(released, r["country"], r["city"])
+        assert s.metro == m and s.image == str((released / r["figure"]).resolve())
+        # released encodings: TorF 1/0, Counting1 0-3, Counting2/3 integers; ground truth recomputed here
+        if r["type"] == "TorF1":
+            assert r["answer"] == int(any(s.station_1 in st and s.station_2 in st for st in m.values()))
+        elif r["type"] == "TorF2":
+            assert s.line in m and r["answer"] == int(s.station_1 in m[s.line])
+        elif r["type"] == "Counting1":
+            line = next(li for li in m if s.station_1 in m[li] and s.station_2 in m[li])
+            assert s.choices[r["answer"]] == stops_between(m[line], s.station_1, s.station_2)
+            assert s.answer == LETTERS[r["answer"]]
+        elif r["type"] == "Counting2":
+            assert r["answer"] == len(lines_of(m, s.station_1))
+        else:
+            assert r["answer"] == len(m) == r["city_line_count"]
+        if r["type"].startswith("TorF"):
+            assert s.answer == ("yes" if r["answer"] == 1 else "no")
+        else:
+            assert s.answer == (LETTERS[r["answer"]] if r["type"] == "Counting1" else str(r["answer"]))
+    assert {s.answer for s in test if s.qtype == "torf1"} == {"yes", "no"}
+
+
+def test_reasonmap_train_fixture(released):
+    folder = released / "data" / "ReasonMap-Train"
+    assert data.dataset_splits(folder) == ["train"]
+    train = data.load_samples(folder, "train")
+    assert [s.qtype for s in train] == ["torf1", "torf2", "counting1", "counting2", "planning", "planning"]
+    plus = data.load_samples(released / "data" / "ReasonMap-Plus", "train")
+    assert [data.question_key(s) for s in train[:4]] == [data.question_key(s) for s in plus[:4]]
+    rows = read_jsonl(folder / "train.jsonl")
+    for s, r in zip(train[4:], rows[4:]):
+        assert s.question == r["question"] == r["question_short"] and s.question_long == r["question_long"]
+        assert s.reference_plans == list(r["routes"].values())
+        assert s.transfer_count == r["question_transfer_count"] == min_transfers(s.metro, s.station_1, s.station_2)
+        check_route(s.metro, s.route, s.station_1, s.station_2)
+    assert train[5].reference_plans[0][0]["route_name"] == "地铁1号线(莘庄--富锦路)"
+    assert train[5].route == [("Line 1", "莘庄站", "汉中路站")]
+
+
+def test_load_data_drops_questions_repeated_across_folders(released, capsys):
+    plus, rm_train = released / "data" / "ReasonMap-Plus", released / "data" / "ReasonMap-Train"
+    train, test = data.load_data(f"{plus},{rm_train}")
+    out = capsys.readouterr().out
+    assert [s.qtype for s in train] == ["torf1", "torf2", "counting1", "counting2", "counting3", "planning", "planning"]
+    assert [s.id for s in train[:5]] == [f"train-{n}" for n in range(1, 6)]  # the first folder's copies kept
+    assert len(test) == 11 and {s.split for s in test} == {"test"}
+    assert len({data.question_key(s) for s in train}) == len(train)
+    notes = [line for line in out.splitlines() if "duplicate" in line]
+    assert len(notes) == 1 and "dropped 4 duplicate questions" in notes[0] and "train 4, test 0" in notes[0], out
+    assert f"{rm_train} has no test or validation split" in out
+    # the other order keeps ReasonMap-Train's copies and adds the one Plus question it lacks
+    train, _ = data.load_data(f"{rm_train},{plus}")
+    assert [s.qtype for s in train] == ["torf1", "torf2", "counting1", "counting2", "planning", "planning", "counting3"]
+    assert "dropped 4 duplicate" in capsys.readouterr().out
+    # one folder alone: nothing dropped, no note
+    train, _ = data.load_data(str(rm_train))
+    assert len(train) == 6 and "duplicate" not in capsys.readouterr().out
+
+
+def test_load_data_keeps_repeats_within_one_folder_and_notes_leaks(tmp_path, capsys):
+    row = {"type": "TorF1", "question": "q", "answer": 1, "difficulty_city": "easy", "city": "x",
+           "json": {"L": ["A", "B"]}, "station_1": "A", "station_2": "B"}
+    other = {**row, "question": "q2"}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "train.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    (tmp_path / "a" / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps(other) + "\n")
+    train, test = data.load_data(str(tmp_path / "a"))
+    assert len(train) == 2 and len(test) == 2  # the folder as published
+    out = capsys.readouterr().out
+    assert "duplicate" not in out and "1 of the 2 evaluation questions also appear in the training data" in out
+
+
+def test_load_data_split_fallback(released, tmp_path, capsys):
+    bench = released / "ReasonMap"
+    train, test = data.load_data(str(bench))
+    out = capsys.readouterr().out
+    assert train == [] and [s.city for s in test] == ["beijing", "beijing", "singapore", "singapore"]
+    assert {s.split for s in test} == {"validation"}
+    assert f"{bench} has no test split: evaluating its validation split, official test cities only" in out
+    assert "4 of 5 questions" in out and f"{bench} has no train split" in out
+    _, test = data.load_data(str(bench), eval_cities=None)
+    assert len(test) == 5 and "validation split (5 questions)" in capsys.readouterr().out
+    # a validation split with none of the test cities (not the benchmark): the whole split
+    (tmp_path / "v").mkdir()
+    rows = [r for r in read_jsonl(bench / "validation.jsonl") if r["city"] == "shanghai"]
+    (tmp_path / "v" / "validation.jsonl").write_text(json.dumps(rows[0], ensure_ascii=False) + "\n")
+    _, test = data.load_data(str(tmp_path / "v"))
+    assert [s.city for s in test] == ["shanghai"] and "validation split (1 questions)" in capsys.readouterr().out
+    # test wins over validation when a folder has both
+    (tmp_path / "v" / "test.jsonl").write_text(json.dumps({**rows[0], "city": "elsewhere"}, ensure_ascii=False) + "\n")
+    (tmp_path / "v" / "train.jsonl").write_text("")
+    train, test = data.load_data(str(tmp_path / "v"))
+    assert train == [] and [s.city for s in test] == ["elsewhere"] and "note" not in capsys.readouterr().out
+    # Plus (test) + the benchmark (validation, 11 cities) + ReasonMap-Train (train only), together
+    plus, rm_train = released / "data" / "ReasonMap-Plus", released / "data" / "ReasonMap-Train"
+    train, test = data.load_data(f"{plus},{bench},{rm_train}")
+    assert len(train) == 7 and len(test) == 11 + 4
+    assert collections.Counter(s.split for s in test) == {"test": 11, "validation": 4}
+    # nothing there at all
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no train/validation/test data"):
+        data.load_data(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such dataset file or folder"):
+        data.load_data(str(tmp_path / "missing"))

@@ -78,12 +78,28 @@ def test_planning_scores(sg):
 
     a = sample("Clarke Quay Station", "Farrer Park Station", "easy", "hard")  # weight 2.0
     b = sample("Somerset Station", "Bras Basah Station", "medium", "hard")  # weight 2.5
-    out = planning_scores([a, b], [a.answer, "I don't know"])
+    out = planning_scores([a, b], [a.answer, "I don't know"], official=False)
     assert out["correct"] == [True, False]
     assert out["weighted_acc"] == pytest.approx(2.0 / 4.5) and out["acc"] == 0.5
     assert out["weighted_map_score"] == pytest.approx(2.0 * 15 / 4.5)  # (1 + 4) + 10 for a, 0 for b
     long_a = route_text(a.route, via=sg)
-    out = planning_scores([a], [long_a], long=True)
+    out = planning_scores([a], [long_a], long=True, official=False)
     assert out["weighted_map_score"] == 1 + 4 + 4 + 20
     a.question_difficulty = None  # derived from transfers: 0 -> easy
-    assert planning_scores([a], [a.answer])["weighted_acc"] == 1.0
+    assert planning_scores([a], [a.answer], official=False)["weighted_acc"] == 1.0
+
+
+def test_planning_scores_default_to_the_official_evaluator(sg):
+    """eval.py's headline planning numbers: official verdicts and map score (route-name points outside China
+    only for names without ASCII letters: quirk 4 of released.py), weighted by the paper's table."""
+    route = best_route(sg, "Clarke Quay Station", "Farrer Park Station")  # one segment, North East Line
+    s = Sample(id="p", qtype="planning", question="", answer=route_text(route), image=None, metro=sg, country="singapore",
+               city="singapore", map_difficulty="hard", station_1="Clarke Quay Station", station_2="Farrer Park Station",
+               question_difficulty="easy", transfer_count=0, route=route, routes=[route],
+               reference_plans=[[{"route_name": "North East Line", "departure_stop": "Clarke Quay",
+                                  "arrival_stop": "Farrer Park", "via_stops": [], "num_via_stops": 2}]])
+    out = planning_scores([s], [route_text(route) + "\n"])
+    assert out["correct"] == [True] and out["weighted_acc"] == 1.0
+    # ends +1, departure +1, arrival +1 (" Station" appended to the reference), no route-name points: 3 + 10
+    assert out["weighted_map_score"] == 13.0
+    assert planning_scores([s], [route_text(route) + "\n"], official=False)["weighted_map_score"] == 1 + 4 + 10
