@@ -372,7 +372,8 @@ def main(argv: list[str] | None = None) -> dict:
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
     policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir)
-    summary = evaluate(policy, samples, *models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens),
+    plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
+    summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,
                        batch_size=a.batch_size, long=a.long)
     out = Path(a.out or (a.model if Path(a.model).is_dir() else "runs/eval"))
     out.mkdir(parents=True, exist_ok=True)
