@@ -52,6 +52,7 @@ from pathlib import Path
 import torch
 
 import cli
+import precision
 
 # Qwen2.5-VL published config values (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
 _VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
@@ -200,7 +201,7 @@ class OurRunner:
         if not w.map_text:  # short prompts: the question alone, so decoding dominates the step
             self.samples = [dataclasses.replace(s, metro={}) for s in self.samples]
         self.reference = M.reference_model(self.policy) if args.beta != 0 else None
-        self.optimizer = M.make_optimizer(self.policy.model, lr=args.lr, weight_decay=0.0, eight_bit=w.eight_bit)
+        self.optimizer = precision.make_optimizer(self.policy.model, lr=args.lr, weight_decay=0.0, eight_bit=w.eight_bit)
         self.cfg = grpo.GRPOConfig(group_size=w.group_size, max_new_tokens=w.max_new_tokens, temperature=1.0,
                                    kl_coef=args.beta, micro_batch_size=w.micro_batch_size)
         self.generator = torch.Generator(device=device).manual_seed(args.seed)
@@ -328,7 +329,7 @@ def bf16_check(steps: int = 10, lr: float = 1e-6, cities: int = 3, cache_dir: st
     for name, (dtype, master, sr) in schemes.items():
         policy = M.load_model("tiny", train, 0, cache_dir, dtype=dtype, master_weights=master)
         reference = M.reference_model(policy)
-        optimizer = M.make_optimizer(policy.model, lr, 0.0, stochastic_rounding=sr)
+        optimizer = precision.make_optimizer(policy.model, lr, 0.0, stochastic_rounding=sr)
         before = [p.detach().clone() for p in policy.model.parameters()]
         generator = torch.Generator().manual_seed(0)
         for batch in batches:

@@ -256,6 +256,14 @@ def _pct(x: float) -> str:
     return "n/a" if x != x else f"{100 * x:.1f}%"
 
 
+def _num(x: float) -> str:
+    """A score with two decimals; 'n/a' for an empty split."""
+    return "n/a" if x != x else f"{x:.2f}"
+
+
+NAN = float("nan")
+
+
 def one_line(summary: dict) -> str:
     """The headline numbers in one line (for logs and progress bars)."""
     parts = []
@@ -288,14 +296,6 @@ def table(summary: dict) -> str:
     rows += [(f"accuracy {q}", _pct(a), "") for q, a in summary["per_type_accuracy"].items()]
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"{k:<{width}}  {a:>8}  {b:>8}".rstrip() for k, a, b in rows)
-
-
-def _num(x: float) -> str:
-    """A score with two decimals; 'n/a' for an empty split."""
-    return "n/a" if x != x else f"{x:.2f}"
-
-
-NAN = float("nan")
 
 
 def _thumbnail(path: str | None, width: int = 720) -> str:

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from precision import AdamWSR, autocast
+from precision import autocast
 
 TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of the cache key)
 # Response-token budgets of the tiny default: a whole boxed answer is one token of its tokenizer, a route
@@ -341,26 +341,6 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
     policy.tokenizer.save_pretrained(out_dir)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(out_dir)
-
-
-def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, eight_bit: bool = False,
-                   stochastic_rounding: bool = False, seed: int = 0):
-    """AdamW (docs/rewardmap.md §7: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if
-    asked; `stochastic_rounding`: precision.AdamWSR, whose bf16 weights keep updates smaller than their
-    rounding step (the `stochastic` scheme)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if stochastic_rounding:
-        if eight_bit:
-            raise ValueError("--eight-bit-adam has no stochastic rounding (bitsandbytes updates bf16 weights with "
-                             "round-to-nearest, so small updates vanish): use --bf16-update master with it")
-        return AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
-    if eight_bit:
-        try:
-            import bitsandbytes as bnb
-        except ImportError as e:
-            raise RuntimeError("eight_bit=True needs bitsandbytes (pip install bitsandbytes; CUDA only)") from e
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 # ----------------------------------------------------------------------------- prompts

@@ -119,3 +119,24 @@ class AdamWSR(torch.optim.Optimizer):
                     self.state[params[index]][key] = saved[key].to(params[index].device, torch.float32, copy=True)
         if rng is not None:
             self.generator.set_state(rng)
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-2, eight_bit: bool = False,
+                   stochastic_rounding: bool = False, seed: int = 0):
+    """AdamW (docs/rewardmap.md §7: lr 1e-6, weight decay 1e-2 in the paper); bitsandbytes 8-bit AdamW if
+    asked; `stochastic_rounding`: precision.AdamWSR, whose bf16 weights keep updates smaller than their
+    rounding step (the `stochastic` scheme)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if stochastic_rounding:
+        if eight_bit:
+            raise ValueError("--eight-bit-adam has no stochastic rounding (bitsandbytes updates bf16 weights with "
+                             "round-to-nearest, so small updates vanish): use --bf16-update master with it")
+        return AdamWSR(params, lr=lr, weight_decay=weight_decay, seed=seed)
+    if eight_bit:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ImportError("--eight-bit-adam needs the optional package bitsandbytes (pip install bitsandbytes; "
+                              "CUDA only)") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 import grpo
 import model as M
+import precision
 
 
 @dataclass
@@ -238,7 +239,7 @@ def test_grpo_step_updates_policy_not_reference(tiny_vlm, tmp_path):
     policy = fresh(tiny_vlm)
     reference = M.reference_model(policy)
     before_ref, before = _state(reference), _state(policy.model)
-    opt = M.make_optimizer(policy.model, lr=1e-3)
+    opt = precision.make_optimizer(policy.model, lr=1e-3)
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=5, micro_batch_size=3, kl_coef=0.05)
     samples = colour_samples(tmp_path, ["red", "blue"])
     g = torch.Generator().manual_seed(0)
@@ -261,7 +262,7 @@ def test_kl_zero_never_calls_the_reference(tiny_vlm, tmp_path):
             raise AssertionError("reference forward with kl_coef == 0")
 
     policy = fresh(tiny_vlm)
-    opt = M.make_optimizer(policy.model, lr=1e-3)
+    opt = precision.make_optimizer(policy.model, lr=1e-3)
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=4, kl_coef=0.0, ppo_epochs=2)
     m, _ = grpo.grpo_step(policy, Explodes(), opt, colour_samples(tmp_path, ["red", "blue"]), _random_reward, cfg,
                           generator=torch.Generator().manual_seed(0))
@@ -271,7 +272,7 @@ def test_kl_zero_never_calls_the_reference(tiny_vlm, tmp_path):
 def test_nonfinite_loss_skips_the_update(tiny_vlm, tmp_path):
     policy = fresh(tiny_vlm)
     before = _state(policy.model)
-    opt = M.make_optimizer(policy.model, lr=1e-2)
+    opt = precision.make_optimizer(policy.model, lr=1e-2)
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=4)
     nan_reward = lambda s, t: R(total=float("nan"))
     m, _ = grpo.grpo_step(policy, M.reference_model(policy), opt, colour_samples(tmp_path, ["red", "blue"]),
@@ -311,7 +312,7 @@ def test_grpo_learns_the_colour_of_the_image(tiny_cache, tmp_path):
     colours = [rng.choice(["red", "blue"]) for _ in range(48)]
     sizes = [(rng.randint(60, 140), rng.randint(60, 140)) for _ in range(48)]
     pool = colour_samples(tmp_path, colours, sizes)
-    opt = M.make_optimizer(policy.model, lr=2e-3, weight_decay=0.0)
+    opt = precision.make_optimizer(policy.model, lr=2e-3, weight_decay=0.0)
     cfg = grpo.GRPOConfig(group_size=8, max_new_tokens=4, kl_coef=0.0, micro_batch_size=64)
     g = torch.Generator().manual_seed(0)
     history, t0 = [], time.time()
@@ -363,7 +364,7 @@ def test_micro_batches_keep_groups_whole(tiny_lm, monkeypatch):
 
     monkeypatch.setattr(grpo, "shared_prompt_logprobs", spy)
     cfg = grpo.GRPOConfig(group_size=4, max_new_tokens=6, micro_batch_size=8, kl_coef=1e-3)
-    opt = M.make_optimizer(policy.model, lr=1e-3)
+    opt = precision.make_optimizer(policy.model, lr=1e-3)
     grpo.grpo_step(policy, M.reference_model(policy), opt, text_samples(3), _random_reward, cfg,
                    generator=torch.Generator().manual_seed(0))
     assert seen and all(len(s) % 4 == 0 for s in seen)

@@ -6,6 +6,7 @@ from conftest import colour_samples, fresh, text_samples
 
 import grpo
 import model as M
+import precision
 
 
 def n_params(m):
@@ -170,10 +171,13 @@ def test_reference_model_is_frozen_copy(tiny_vlm):
 
 
 def test_make_optimizer(tiny_lm):
-    opt = M.make_optimizer(tiny_lm.model, lr=1e-3, weight_decay=0.01)
+    opt = precision.make_optimizer(tiny_lm.model, lr=1e-3, weight_decay=0.01)
     assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.01
     try:
         import bitsandbytes  # noqa: F401
     except ImportError:
-        with pytest.raises(RuntimeError, match="bitsandbytes"):
-            M.make_optimizer(tiny_lm.model, lr=1e-3, eight_bit=True)
+        with pytest.raises(ImportError, match="bitsandbytes"):  # a user error: one line from the commands
+            precision.make_optimizer(tiny_lm.model, lr=1e-3, eight_bit=True)
+    assert isinstance(precision.make_optimizer(tiny_lm.model, lr=1e-3, stochastic_rounding=True), precision.AdamWSR)
+    with pytest.raises(ValueError, match="stochastic rounding"):
+        precision.make_optimizer(tiny_lm.model, lr=1e-3, eight_bit=True, stochastic_rounding=True)
