@@ -343,7 +343,7 @@ def train(cfg: TrainConfig) -> dict:
         truncate_metrics(metrics_path, position["global_step"])
         print(f"resumed from {ckpt} at stage {position['stage_index']} step {position['step_in_stage']}")
     optimizer = precision.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
-                                      stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
+                                         stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
     if ckpt is not None:
         optimizer.load_state_dict(state["optimizer"])
 

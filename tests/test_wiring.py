@@ -1,0 +1,116 @@
+"""Every flag reaches the code it configures: for each TrainConfig field, changing the flag changes what a
+component receives (the data loader, the model loader, the optimizer, the reward config, the curriculum's
+batches, the GRPO config of each step, the evaluations, the checkpoints), not only what parses.
+
+train.train runs for real with its heavy parts replaced by recorders (no decoding, no disk writes of
+models), so a whole run takes milliseconds and the table can cover every field."""
+import dataclasses
+import random
+
+import pytest
+import torch
+
+import grpo
+import maps
+import train
+from synthetic import make_questions
+
+# The flags whose effect is checked by a behaviour test elsewhere instead of the recorder below.
+ELSEWHERE = {
+    "max_nonfinite": "tests/test_train.py::test_nonfinite_run_is_reported_and_stopped (stops after exactly N)",
+    "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
+}
+
+# one changed value per flag (argv), and the components that must then receive something else
+REWARD, GRPO = {"reward"}, {"grpo"}
+CHANGES = {
+    "stage": (["--stage", "counting"], {"batches"}), "curriculum": (["--curriculum", "coarse"], {"batches"}),
+    "model": (["--model", "/models/x"], {"load_model"}), "data": (["--data", "/data/x"], {"load_data"}),
+    "cities": (["--cities", "7"], {"load_data"}),
+    "preset": (["--preset", "released"], {"load_model", "reward", "grpo", "optimizer", "batches"}),
+    "no_detail_reward": (["--no-detail-reward"], REWARD), "alpha": (["--alpha", "0.25"], REWARD),
+    "no_difficulty_weight": (["--no-difficulty-weight"], REWARD), "gammas": (["--gammas", "1", "2", "3"], REWARD),
+    "betas": (["--betas", "0", "0.9"], REWARD), "detail_variant": (["--detail-variant", "released"], REWARD),
+    "format_score": (["--format-score", "0"], REWARD), "no_detail_floor": (["--no-detail-floor"], REWARD),
+    "lenient_parsing": (["--lenient-parsing"], REWARD), "group_size": (["--group-size", "4"], GRPO),
+    "batch_size": (["--batch-size", "3"], {"batches"}), "micro_batch_size": (["--micro-batch-size", "16"], GRPO),
+    "lr": (["--lr", "1e-3"], {"optimizer"}), "weight_decay": (["--weight-decay", "0.1"], {"optimizer"}),
+    "kl_coef": (["--kl-coef", "0"], {"grpo", "reference"}), "clip_eps": (["--clip-eps", "0.3"], GRPO),
+    "ppo_epochs": (["--ppo-epochs", "2"], GRPO), "aggregation": (["--aggregation", "sequence"], GRPO),
+    "no_std_scale": (["--no-std-scale"], GRPO), "max_new_tokens": (["--max-new-tokens", "9"], {"grpo", "evals"}),
+    "planning_max_new_tokens": (["--planning-max-new-tokens", "30"], {"grpo", "evals"}),
+    "temperature": (["--temperature", "0.7"], GRPO), "top_p": (["--top-p", "0.9"], GRPO),
+    "max_grad_norm": (["--max-grad-norm", "0.5"], GRPO), "entropy_coef": (["--entropy-coef", "0.001"], GRPO),
+    "kl_clamp": (["--kl-clamp", "10"], GRPO), "drop_last": (["--drop-last"], {"batches"}),
+    "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
+    "max_pixels": (["--max-pixels", "50000"], {"load_model"}), "dtype": (["--dtype", "bfloat16"], {"load_model"}),
+    "bf16_update": (["--bf16-update", "stochastic"], {"load_model"}),
+    "gradient_checkpointing": (["--gradient-checkpointing"], {"load_model"}),
+    "eight_bit_adam": (["--eight-bit-adam"], {"optimizer"}),
+    "seed": (["--seed", "1"], {"load_data", "load_model", "batches", "sampling", "optimizer"}),
+    "out": (None, {"checkpoints", "export"}), "cache_dir": (["--cache-dir", "/tmp/other-cache"], {"load_data", "load_model"}),
+    "resume": (["--resume"], {"error"}), "save_every": (["--save-every", "2"], {"checkpoints"}),
+    "eval_every": (["--eval-every", "2"], {"evals"}), "eval_samples": (["--eval-samples", "3"], {"evals"}),
+}
+
+
+REWARD_CONFIG = train.reward_config  # the real one (record() replaces it with a recorder that calls this)
+
+
+@pytest.fixture(scope="module")
+def world():
+    """A small in-memory question set over three synthetic cities (no maps drawn): train and test."""
+    samples = []
+    for i, difficulty in enumerate(("easy", "middle", "hard")):
+        metro = maps.generate_metro(i, difficulty)
+        samples += make_questions(metro, random.Random(i), 4, city=f"c{i}", map_difficulty=difficulty)
+    return samples[: len(samples) * 2 // 3], samples[len(samples) * 2 // 3:]
+
+
+def record(cfg, world, policy, monkeypatch) -> dict:
+    """Run train.train(cfg) with recorders in place of data / model loading, GRPO steps, evaluation and
+    checkpoint writing; return everything the components received."""
+    got: dict = {"batches": [], "grpo": [], "sampling": [], "evals": [], "checkpoints": []}
+    m = monkeypatch
+    m.setattr(train.data, "load_data", lambda *a: got.__setitem__("load_data", a) or world)
+    m.setattr(train.models, "load_model", lambda name, samples, *a: got.__setitem__("load_model", (name, *a)) or policy)
+    m.setattr(train.models, "reference_model", lambda p: got.__setitem__("reference", True) or object())
+    m.setattr(train.precision, "make_optimizer", lambda *a, **k: got.__setitem__("optimizer", (a[1:], k)) or object())
+    m.setattr(train, "reward_config", lambda c: got.__setitem__("reward", REWARD_CONFIG(c)) or got["reward"])
+
+    def step(policy, reference, optimizer, samples, reward_fn, gcfg, generator=None):
+        got["batches"].append([s.id for s in samples])
+        got["grpo"].append(gcfg)
+        got["sampling"].append(torch.rand(1, generator=generator).item())  # the rollouts' random stream
+        return {k: 0.0 for k in grpo.METRICS}, [""]
+
+    m.setattr(train.grpo, "grpo_step", step)
+    m.setattr(train.evaluation, "evaluate", lambda policy, probe, rc, *budgets, **k: got["evals"].append(
+        (len(got["batches"]), [s.id for s in probe], budgets)) or {"n": len(probe)})
+    m.setattr(train, "save_checkpoint", lambda out, *a: got["checkpoints"].append((str(out), dict(a[3]))))
+    m.setattr(train.models, "save_policy", lambda *a, **k: got.__setitem__("export", (str(a[1]), k)))
+    m.setattr(train, "plot_curves", lambda *a: None)
+    try:
+        train.train(cfg)
+    except (OSError, ValueError) as e:  # e.g. --resume with no checkpoint: what the user gets is the result
+        got["error"] = f"{type(e).__name__}: {e}"
+    return got
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in ELSEWHERE])
+def test_every_flag_reaches_its_component(field, world, tiny_lm, tmp_path, monkeypatch):
+    base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5"]
+    argv, components = CHANGES[field]
+    argv = argv if field != "out" else ["--out", str(tmp_path / "elsewhere")]
+    if field == "max_steps_per_stage":
+        base = base[:2]
+    assert train.parse_args(base + argv) != train.parse_args(base)
+    default = record(train.parse_args(base), world, tiny_lm, monkeypatch)
+    changed = record(train.parse_args(base + argv), world, tiny_lm, monkeypatch)
+    for key in components:
+        assert changed.get(key) != default.get(key), f"--{field.replace('_', '-')} did not reach {key}"
+
+
+def test_the_table_covers_every_field():
+    fields = {f.name for f in dataclasses.fields(train.TrainConfig)}
+    assert set(CHANGES) | set(ELSEWHERE) == fields
