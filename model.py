@@ -10,8 +10,8 @@ Everything the GRPO loop needs from a model lives here:
   map as text in the prompt: ReasonMap's symbolic setting), bf16 + flash-attention 2 / SDPA on CUDA.
 - `encode_prompts`: chat template + image -> left-padded prompt tensors, with Qwen2.5-VL's 3-D rotary
   positions (mrope) computed once per prompt.
-- `response_logprobs`: per-token log-probs of response tokens via a selective log-softmax that never
-  materialises a float32 log-softmax over the vocabulary for all positions at once.
+- `response_logprobs` / `shared_prompt_logprobs`: per-token log-probs of response tokens, the LM head fused
+  with the log-softmax a chunk of rows at a time (`head_logprobs`): no [rows, T, vocab] logits.
 """
 from __future__ import annotations
 
@@ -470,46 +470,74 @@ def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
                      logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
 
 
-class _SelectiveLogSoftmax(torch.autograd.Function):
-    """log p(token) = logit[token] - logsumexp(logits), computed `chunk` rows at a time in float32, and
-    (when asked) the entropy H = logsumexp - sum(p * logits) of each row, both differentiable.
+def forward_hidden(model: nn.Module, batch: dict, cache=None, use_cache: bool = False):
+    """`forward_logits` without the LM head: the decoder's output (`.last_hidden_state`, and the KV cache when
+    `use_cache` or a `cache` is given), for `head_logprobs` to turn into log-probs a chunk at a time."""
+    decoder = model.model
+    with autocast(model):
+        return decoder(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
+                       position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
+                       **{_cache_kwarg(type(decoder)): cache})
 
-    Only the logits (model dtype) and per-row [rows] values are kept for backward, never a float32
-    [rows, vocab] log-softmax; backward rebuilds softmax chunk by chunk:
-    d logp / d logits = onehot - p,   d H / d logits = -p * (log p + H).
+
+class _HeadLogProbs(torch.autograd.Function):
+    """log p(token) = (h W^T)[token] - logsumexp(h W^T) from hidden states h [R, H] and the LM head W [V, H],
+    `chunk` rows at a time, and (when asked) the entropy of each row's distribution.
+
+    The LM head and the log-softmax are computed together: forward keeps only h, W and per-row values; backward
+    recomputes one chunk's logits at a time, so no [rows, vocab] tensor ever exists beyond one chunk (at 7B a
+    micro-batch's logits would be [8, 2049, 152064] = 4.6 GiB in bf16). Gradients: with dz = g (onehot - p)
+    (- g_H p (log p + H) for the entropy), dh = dz W and dW = dz^T h, accumulated over chunks in float32.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, tokens: Tensor, chunk: int, with_entropy: bool):
-        lse, entropy = [], []
-        for c in logits.split(chunk):
-            c = c.float()
-            lse.append(c.logsumexp(-1))
+    def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, chunk: int, with_entropy: bool):
+        w = weight.to(hidden.dtype)
+        logp, entropy = [], []
+        for h, tk in zip(hidden.split(chunk), tokens.split(chunk)):
+            z = (h @ w.T).float()
+            lse = z.logsumexp(-1)
+            logp.append(z.gather(-1, tk[:, None]).squeeze(-1) - lse)
             if with_entropy:
-                entropy.append(lse[-1] - ((c - lse[-1][:, None]).exp() * c).sum(-1))
-        lse = torch.cat(lse)
-        entropy = torch.cat(entropy) if with_entropy else lse.new_zeros(0)
-        out = logits.gather(-1, tokens[:, None]).squeeze(-1).float() - lse
-        ctx.save_for_backward(logits, tokens, lse, entropy)
+                entropy.append(lse - ((z - lse[:, None]).exp() * z).sum(-1))
+        logp = torch.cat(logp)
+        entropy = torch.cat(entropy) if with_entropy else logp.new_zeros(0)
+        ctx.save_for_backward(hidden, weight, tokens, entropy)
         ctx.chunk = chunk
-        return out, entropy
+        return logp, entropy
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_entropy: Tensor):
-        logits, tokens, lse, entropy = ctx.saved_tensors
+        hidden, weight, tokens, entropy = ctx.saved_tensors
         with_entropy = entropy.numel() > 0 and grad_entropy is not None
-        grads = []
-        for k, (lg, tk, ls, g) in enumerate(zip(logits.split(ctx.chunk), tokens.split(ctx.chunk), lse.split(ctx.chunk),
-                                                grad.split(ctx.chunk))):
-            logp = lg.float() - ls[:, None]
+        w = weight.to(hidden.dtype)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            h, tk, g = hidden[rows], tokens[rows], grad[rows]
+            logp = (h @ w.T).float().log_softmax(-1)
             p = logp.exp()
-            d = -p * g[:, None]
-            d.scatter_add_(-1, tk[:, None], g[:, None])
+            dz = -p * g[:, None]
+            dz.scatter_add_(-1, tk[:, None], g[:, None])
             if with_entropy:
-                rows = slice(k * ctx.chunk, k * ctx.chunk + len(lg))
-                d -= p * (logp + entropy[rows, None]) * grad_entropy[rows, None]
-            grads.append(d.to(logits.dtype))
-        return torch.cat(grads), None, None, None
+                dz -= p * (logp + entropy[rows, None]) * grad_entropy[rows, None]
+            dz = dz.to(hidden.dtype)
+            grad_hidden[rows] = dz @ w
+            grad_weight += (dz.T @ h).float()
+        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+
+
+def head_logprobs(model: nn.Module, hidden: Tensor, tokens: Tensor, chunk: int | None = None,
+                  with_entropy: bool = False):
+    """Log-probs [N, T] (float32) of `tokens` [N, T] given the decoder's `hidden` [N, T, H] that predict
+    them, through the model's LM head without materialising the [N, T, vocab] logits (`_HeadLogProbs`);
+    with `with_entropy`, the pair (logp, entropy)."""
+    weight = model.get_output_embeddings().weight
+    shape, chunk = tokens.shape, _rows_per_chunk(weight.shape[0], chunk)
+    logp, entropy = _HeadLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), chunk,
+                                        with_entropy)
+    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
 
 
 def _rows_per_chunk(vocab: int, chunk: int | None) -> int:
@@ -517,26 +545,17 @@ def _rows_per_chunk(vocab: int, chunk: int | None) -> int:
     return chunk or max(1, (1 << 26) // vocab)
 
 
-def selective_log_softmax(logits: Tensor, tokens: Tensor, chunk: int | None = None, with_entropy: bool = False):
-    """log_softmax(logits).gather(tokens) for logits [..., V] and tokens [...], memory-light (float32 out);
-    with `with_entropy`, also the entropy of softmax(logits) at each position, as a pair (logp, entropy)."""
-    shape, chunk = tokens.shape, _rows_per_chunk(logits.shape[-1], chunk)
-    logp, entropy = _SelectiveLogSoftmax.apply(logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), chunk,
-                                               with_entropy)
-    return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
-
-
 def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None, with_entropy: bool = False):
     """Per-token log-probs [N, T] (float32) of the last `batch["response_len"]` tokens of each row (and, with
     `with_entropy`, the policy's entropy [N, T] there, differentiable: the pair (logp, entropy)).
 
-    `batch` comes from `join_prompt_response` (left-padded prompt + right-padded response). Only the
-    T response positions go through the LM head (`logits_to_keep`). Padded response positions hold
-    garbage: mask them.
+    `batch` comes from `join_prompt_response` (left-padded prompt + right-padded response). Only the T
+    response positions go through the LM head, fused with the log-softmax (`head_logprobs`). Padded response
+    positions hold garbage: mask them.
     """
     T = batch["response_len"]
-    logits = forward_logits(model, batch, logits_to_keep=T + 1).logits[:, :-1]  # position t predicts t+1
-    return selective_log_softmax(logits, batch["input_ids"][:, -T:], chunk, with_entropy)
+    hidden = forward_hidden(model, batch).last_hidden_state[:, -T - 1 : -1]  # position t predicts t+1
+    return head_logprobs(model, hidden, batch["input_ids"][:, -T:], chunk, with_entropy)
 
 
 def _checkpointing_drops_cache(model: nn.Module) -> bool:
@@ -563,9 +582,9 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
     uniq, rows = torch.unique(prompt_index, return_inverse=True)
     empty = response_ids[:len(uniq), :0]
     batch = join_prompt_response(prompts, uniq, empty, empty.float())  # the distinct prompts alone
-    out = forward_logits(model, batch, use_cache=True, logits_to_keep=1)
+    out = forward_hidden(model, batch, use_cache=True)
     # the last prompt position predicts response token 0
-    parts = [selective_log_softmax(out.logits[rows, -1:], response_ids[:, :1], chunk, with_entropy)]
+    parts = [head_logprobs(model, out.last_hidden_state[rows, -1:], response_ids[:, :1], chunk, with_entropy)]
     T = response_ids.shape[1]
     if T > 1:  # response tokens 0..T-2 predict tokens 1..T-1, attending to the cached prompt
         cache = kv_cache(out)
@@ -574,8 +593,8 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
         step = dict(input_ids=response_ids[:, :-1],
                     attention_mask=torch.cat([batch["attention_mask"][rows], response_mask[:, :-1].long()], 1),
                     position_ids=pos[None].expand(3, -1, -1) if batch["position_ids"].dim() == 3 else pos)
-        parts.append(selective_log_softmax(forward_logits(model, step, cache=cache).logits, response_ids[:, 1:], chunk,
-                                           with_entropy))
+        hidden = forward_hidden(model, step, cache=cache).last_hidden_state
+        parts.append(head_logprobs(model, hidden, response_ids[:, 1:], chunk, with_entropy))
     if with_entropy:  # [N, T] log-probs and entropies, not a copy of the [N, T, vocab] logits
         return tuple(torch.cat(p, 1) for p in zip(*parts))
     return torch.cat(parts, 1)

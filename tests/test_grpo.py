@@ -130,7 +130,7 @@ def test_ratio_one_gives_reinforce_gradient():
     tokens = torch.randint(0, 7, (4, 3), generator=g)
     mask = torch.tensor([[1.0, 1, 1], [1, 1, 0], [1, 0, 0], [1, 1, 1]])
     adv = torch.tensor([0.5, -1.0, 2.0, 0.0])
-    logp = M.selective_log_softmax(logits, tokens)
+    logp = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
     loss, m = grpo.policy_loss(logp, logp.detach(), logp.detach(), adv, mask, kl_coef=1e-3)
     (ours,) = torch.autograd.grad(loss, logits)
     logp2 = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
@@ -183,28 +183,80 @@ def test_sampling_is_reproducible(tiny_vlm, tmp_path):
     a, b, c = run(0), run(0), run(1)
     assert torch.equal(a.response_ids, b.response_ids) and a.texts == b.texts
     assert not torch.equal(a.response_ids, c.response_ids)
-    top = grpo.sample_groups(tiny_vlm, samples, 4, 8, top_p=0.3, generator=torch.Generator().manual_seed(0))
-    assert top.response_ids.shape[0] == 8
+    # top_p reaches the sampler: a nucleus this small holds only the most likely token, i.e. greedy decoding
+    top = grpo.sample_groups(tiny_vlm, samples, 4, 8, top_p=1e-6, generator=torch.Generator().manual_seed(0))
+    greedy = grpo.sample_groups(tiny_vlm, samples, 4, 8, temperature=0.0)
+    assert torch.equal(top.response_ids, greedy.response_ids) and not torch.equal(a.response_ids, greedy.response_ids)
 
 
-def test_finished_rows_stop_and_others_are_unaffected(tiny_lm):
+def _forced_end(stop_at, eos, calls):
+    """A grpo.forward_logits that makes end-of-turn certain for decode row n at step stop_at[n] (step t >= 1 is
+    the t-th decode forward; None: never forced), and counts the forwards in `calls`."""
+    real = grpo.forward_logits
+
+    def forward(model, batch, cache=None, **kw):
+        out = real(model, batch, cache=cache, **kw)
+        calls.append(out.logits.shape[0])
+        t = len(calls) - 1  # call 0 is the prefill (gives step 0's logits)
+        rows = [n for n, k in enumerate(stop_at) if k == t and t > 0]
+        if rows:
+            out.logits = out.logits.clone()
+            out.logits[rows, -1, eos] = 1e4
+        return out
+
+    return forward
+
+
+def test_finished_rows_stop_and_others_are_unaffected(tiny_lm, monkeypatch):
+    """Rows made to end at known steps stop there (pad + mask 0 after, finished True); the rows that never end run
+    to max_new_tokens with exactly the tokens and log-probs of an undisturbed decode (finished False); when every
+    row has ended, the loop stops and the response is trimmed to the longest."""
     policy = fresh(tiny_lm, scale=0.05)
-    samples = text_samples(4)
-    a = grpo.sample_groups(policy, samples, 4, 10, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    # pretend the most frequent early token is end-of-turn: rows stop at different steps
-    eos = int(torch.mode(a.response_ids[:, :4].flatten()).values)
-    stopped = dataclasses.replace(policy, eos_id=eos, suppress_ids=policy.suppress_ids[policy.suppress_ids != eos])
-    b = grpo.sample_groups(stopped, samples, 4, 10, temperature=0.7, generator=torch.Generator().manual_seed(0))
-    lengths = b.response_mask.sum(1).long()
-    assert lengths.min() < lengths.max() and b.finished.any()
+    samples, G, T, eos = text_samples(4), 4, 10, policy.eos_id
+    run = lambda stop_at, calls: (monkeypatch.setattr(grpo, "forward_logits", _forced_end(stop_at, eos, calls)),
+                                  grpo.sample_groups(policy, samples, G, T, temperature=0.7,
+                                                     generator=torch.Generator().manual_seed(0)))[1]
+    a = run([None] * 16, [])
+    assert a.response_ids.shape == (16, T)
+
+    def expected_lengths(stop_at):  # the first end-of-turn: forced, or one the undisturbed decode sampled itself
+        out = []
+        for n, k in enumerate(stop_at):
+            natural = (a.response_ids[n] == eos).nonzero()
+            ends = [int(natural[0]) + 1] if len(natural) else []
+            out.append(min(ends + ([k + 1] if k is not None else []) + [T]))
+        return out
+
+    # some rows end (at steps 1..6), some never do
+    stop_at = [None, 1, 2, None, 3, 4, None, 5, 6, None, 1, None, 2, 3, None, 4]
+    b = run(stop_at, [])
+    lengths = b.response_mask.sum(1).long().tolist()
+    assert lengths == expected_lengths(stop_at)
+    assert b.finished.any() and not b.finished.all() and b.response_ids.shape[1] == T
     for n in range(16):
-        L = int(lengths[n])
-        assert torch.equal(b.response_ids[n, :L], a.response_ids[n, :L])  # same tokens up to the end
+        L = lengths[n]
+        assert torch.equal(b.response_ids[n, :L - 1], a.response_ids[n, :L - 1])  # same tokens up to the end
+        assert torch.allclose(b.logprobs[n, :L - 1], a.logprobs[n, :L - 1], atol=1e-5)
         assert (b.response_ids[n, L:] == policy.pad_id).all() and (b.response_mask[n, L:] == 0).all()
-        assert b.finished[n] == (b.response_ids[n, L - 1] == eos)
+        assert (b.logprobs[n, L:] == 0).all() and (b.response_mask[n, :L] == 1).all()
+        assert bool(b.finished[n]) == bool(b.response_ids[n, L - 1] == eos) and (L == T or b.finished[n])
         assert (b.response_ids[n, : L - 1] != eos).all()
-    if b.finished.all():
-        assert b.response_ids.shape[1] == int(lengths.max())  # the loop stopped when every row was done
+        if stop_at[n] is None and L == T:  # never ended: the whole undisturbed response
+            assert not b.finished[n] and torch.equal(b.response_ids[n], a.response_ids[n])
+    assert sum(1 for n in range(16) if stop_at[n] is None and not b.finished[n]) >= 4
+    assert b.texts == policy.tokenizer.batch_decode([r[:L] for r, L in zip(b.response_ids.tolist(), lengths)],
+                                                    skip_special_tokens=True)
+    # every row ends by step 5: all finished, the loop stops there (no more forwards) and trims to the longest
+    stop_at = [1 + n % 5 for n in range(16)]
+    calls = []
+    c = run(stop_at, calls)
+    lengths = c.response_mask.sum(1).long().tolist()
+    assert lengths == expected_lengths(stop_at) and c.finished.all()
+    assert c.response_ids.shape[1] == max(lengths) <= 6 < T
+    assert len(calls) == max(lengths)  # the prefill + one forward per decode step until the last row ended
+    for n in range(16):
+        assert torch.equal(c.response_ids[n, :lengths[n] - 1], a.response_ids[n, :lengths[n] - 1])
+        assert c.response_ids[n, lengths[n] - 1] == eos and (c.response_ids[n, lengths[n]:] == policy.pad_id).all()
 
 
 def test_special_tokens_are_never_sampled(tiny_vlm, tmp_path):
@@ -340,6 +392,42 @@ def test_sample_token_matches_softmax_masks_and_nucleus():
     p = torch.softmax(logits[0], -1)
     assert torch.allclose(freq, torch.tensor([0, p[1], p[2], 0, 0]) / (p[1] + p[2]), atol=0.01)
     assert torch.equal(grpo._sample_token(logits[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))  # greedy
+
+
+def _freq(logits, temperature, top_p, n=50_000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = logits.repeat_interleave(n, 0)
+    drawn = grpo._sample_token(rows, temperature, top_p, g).view(len(logits), n)
+    return torch.stack([torch.bincount(d, minlength=logits.shape[-1]).float() / n for d in drawn])
+
+
+def test_top_p_samples_only_the_nucleus_with_renormalised_frequencies():
+    """Probabilities .5 .3 .15 .05 (shuffled over the vocabulary, a second row in another order): the nucleus is the
+    most likely tokens, up to the first whose cumulative mass passes top_p, sampled in proportion to their
+    probabilities (seeded: the frequencies below are exact for this seed, the tolerance is ~4.5 sigma)."""
+    p = torch.tensor([[0.15, 0.5, 0.05, 0.3, 0.0], [0.3, 0.05, 0.0, 0.15, 0.5]])  # 0.0: a -inf logit
+    logits = p.log()
+
+    def expect(keep):  # keep: per row, the kept token ids
+        out = torch.zeros_like(p)
+        for r, ids in enumerate(keep):
+            out[r, ids] = p[r, ids] / p[r, ids].sum()
+        return out
+    # top_p 0.7: .5 (mass before 0) and .3 (mass before .5 < .7) kept, frequencies 5/8 and 3/8
+    f = _freq(logits, 1.0, 0.7)
+    assert f[0, [0, 2, 4]].sum() == 0 and f[1, [1, 2, 3]].sum() == 0  # never outside the nucleus
+    assert torch.allclose(f, expect([[1, 3], [4, 0]]), atol=0.01)
+    assert torch.allclose(f[0, [1, 3]], torch.tensor([5 / 8, 3 / 8]), atol=0.01)
+    # top_p 0.45: only the most likely token
+    assert torch.equal(_freq(logits, 1.0, 0.45, n=5_000), expect([[1], [4]]))
+    # top_p 0.9: .5 .3 .15 (mass before .8 < .9), never .05 (mass before .95)
+    assert torch.allclose(_freq(logits, 1.0, 0.9), expect([[1, 3, 0], [4, 0, 3]]), atol=0.01)
+    # the nucleus is taken on softmax(logits / T): at T = .5 the probabilities are .685 .247 .062 .007, so top_p .6
+    # keeps one token (at T = 1 it keeps two)
+    assert torch.equal(_freq(logits, 0.5, 0.6, n=5_000), expect([[1], [4]]))
+    assert torch.allclose(_freq(logits, 1.0, 0.6), expect([[1, 3], [4, 0]]), atol=0.01)
+    # top_p 1.0 is off: every finite-logit token, at its probability
+    assert torch.allclose(_freq(logits, 1.0, 1.0), p, atol=0.01)
 
 
 def test_sampler_logprobs_equal_the_update_forward(tiny_vlm, tmp_path):

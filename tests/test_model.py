@@ -1,4 +1,6 @@
 """model.py: the tiny offline kit, loading/saving, prompts, and log-probs against naive computations."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from PIL import Image
@@ -118,34 +120,24 @@ def test_response_logprobs_match_naive_on_padded_batches(kind, tiny_vlm, tiny_lm
     assert torch.allclose(ro.entropy * m, ent * m, atol=1e-4)
 
 
-def test_selective_log_softmax_value_and_grad():
-    g = torch.Generator().manual_seed(0)
-    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randint(0, 11, (3, 5), generator=g)
-    w = torch.randn(3, 5, generator=g, dtype=torch.float64)
-    ours = M.selective_log_softmax(logits, tokens, chunk=4)
-    ref = torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
-    assert torch.allclose(ours.double(), ref, atol=1e-6)
-    (g1,) = torch.autograd.grad((ours.double() * w).sum(), logits)
-    (g2,) = torch.autograd.grad((ref * w).sum(), logits)
-    assert torch.allclose(g1, g2, atol=1e-6)
-
-
-def test_selective_entropy_value_and_grad():
-    """The entropy the update's entropy bonus uses: value and gradient equal the plain full-softmax ones,
-    alone and together with the log-prob's gradient (chunk 4 over 15 rows: chunk boundaries inside)."""
-    g = torch.Generator().manual_seed(1)
-    logits = torch.randn(3, 5, 11, generator=g, dtype=torch.float64, requires_grad=True)
-    tokens = torch.randint(0, 11, (3, 5), generator=g)
-    w1, w2 = torch.randn(3, 5, generator=g, dtype=torch.float64), torch.randn(3, 5, generator=g, dtype=torch.float64)
-    logp, ent = M.selective_log_softmax(logits, tokens, chunk=4, with_entropy=True)
-    lsm = torch.log_softmax(logits, -1)
+def test_fused_head_logprobs_value_and_grad():
+    """The LM head fused with the log-softmax (chunked, logits recomputed in backward) equals the plain
+    `log_softmax(h @ W.T)` in value and in the gradients of h and W, with and without the entropy output."""
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(6, 13, bias=False).double()
+    model = SimpleNamespace(get_output_embeddings=lambda: head)
+    hidden = torch.randn(2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 13, (2, 7), generator=g)
+    w1, w2 = torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(2, 7, generator=g, dtype=torch.float64)
+    logp, ent = M.head_logprobs(model, hidden, tokens, chunk=3, with_entropy=True)  # 14 rows: a partial chunk
+    lsm = torch.log_softmax(hidden @ head.weight.T, -1)
     ref_logp, ref_ent = lsm.gather(-1, tokens[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
-    assert torch.allclose(ent.double(), ref_ent, atol=1e-6) and torch.allclose(logp.double(), ref_logp, atol=1e-6)
-    for a, b in ((ent.double() * w2, ref_ent * w2), (logp.double() * w1 + ent.double() * w2, ref_logp * w1 + ref_ent * w2)):
-        (g1,) = torch.autograd.grad(a.sum(), logits, retain_graph=True)
-        (g2,) = torch.autograd.grad(b.sum(), logits, retain_graph=True)
-        assert torch.allclose(g1, g2, atol=1e-6)
+    assert torch.allclose(logp.double(), ref_logp, atol=1e-6) and torch.allclose(ent.double(), ref_ent, atol=1e-6)
+    for ours, ref in ((logp.double() * w1, ref_logp * w1), (logp.double() * w1 + ent.double() * w2, ref_logp * w1 + ref_ent * w2)):
+        g1 = torch.autograd.grad(ours.sum(), (hidden, head.weight), retain_graph=True)
+        g2 = torch.autograd.grad(ref.sum(), (hidden, head.weight), retain_graph=True)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
+    assert torch.equal(M.head_logprobs(model, hidden, tokens, chunk=3), logp)  # alone, without the entropy
 
 
 def test_save_and_reload(tiny_vlm, tmp_path):
