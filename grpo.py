@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from model import Policy, encode_prompts, forward_logits, kv_cache, shared_prompt_logprobs
+from model import Policy, encode_prompts, forward_logits, join_prompt_response, kv_cache, shared_prompt_logprobs
 
 
 @dataclass
@@ -41,6 +41,7 @@ class GRPOConfig:
     std_scale: bool = True  # divide advantages by the group std (released code) or only centre them (paper text)
     max_grad_norm: float = 1.0  # global gradient-norm clip before each optimizer step
     entropy_coef: float = 0.0  # weight of an entropy bonus on the policy's tokens (released code: 1e-3; 0: none)
+    decode_chunk: int = 0  # prompts decoded at a time (whole groups; 0: auto_decode_chunk, all at once on CPU)
     kl_clamp: float | None = None  # clamp the per-token k3 KL at this value (released code: 10; None: no clamp)
 
 
@@ -128,12 +129,15 @@ class Rollout:
     finished: Tensor  # [N] True where the response ended with end-of-turn (False: hit max_new_tokens)
 
 
-def _sample_token(logits: Tensor, temperature: float, top_p: float, generator) -> Tensor:
+def _sample_token(logits: Tensor, temperature: float, top_p: float, generator=None, u: Tensor | None = None) -> Tensor:
     """Sample one token per row from softmax(logits / temperature), restricted to the top-p nucleus.
 
-    Inverse-CDF sampling: one uniform number per row against the cumulative unnormalised probabilities.
-    Same distribution as torch.multinomial, ~4x cheaper per decode step on CPU (multinomial's setup
-    dominated a tiny model's step). Masked (-inf) logits get probability 0 and are never chosen."""
+    Inverse-CDF sampling: one uniform number per row (`u` [N] in [0, 1), else drawn from `generator`) against
+    the cumulative unnormalised probabilities. Same distribution as torch.multinomial, ~4x cheaper per decode
+    step on CPU (multinomial's setup dominated a tiny model's step). Masked (-inf) logits get probability 0
+    and are never chosen: a float32 cumulative sum over a 152k vocabulary is not exactly monotone on every
+    device, and `u * total` can round up to the total, so a token of probability 0 that the search lands
+    on is replaced by the row's most likely token (a sampled <|image_pad|> would break the next forward)."""
     if temperature <= 0:
         return logits.argmax(-1)
     scaled = logits / temperature
@@ -143,8 +147,10 @@ def _sample_token(logits: Tensor, temperature: float, top_p: float, generator) -
         outside = sorted_p.cumsum(-1) - sorted_p > top_p * sorted_p.sum(-1, keepdim=True)  # mass before exceeds top_p
         p = torch.zeros_like(p).scatter_(-1, idx, sorted_p.masked_fill(outside, 0.0))
     cdf = p.cumsum(-1)
-    u = torch.rand(p.shape[0], 1, generator=generator, device=p.device) * cdf[:, -1:]
-    return torch.searchsorted(cdf, u, right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)
+    if u is None:
+        u = torch.rand(p.shape[0], generator=generator, device=p.device)
+    picked = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)
+    return torch.where(p.gather(-1, picked[:, None]).squeeze(-1) > 0, picked, p.argmax(-1))  # [safety]
 
 
 def _expanded_static_cache(model, prefill_cache, group_size: int, max_len: int):
@@ -163,69 +169,107 @@ def _expanded_static_cache(model, prefill_cache, group_size: int, max_len: int):
 
 @torch.no_grad()
 def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
-    """One batched, KV-cached decode of `group_size` responses for each sample.
+                  top_p: float = 1.0, generator: torch.Generator | None = None, decode_chunk: int = 0) -> Rollout:
+    """`group_size` responses for each sample: one batched, KV-cached decode per chunk of prompts.
 
-    1. Prefill the B left-padded prompts once (vision encoder once per image), keeping the last logits.
+    1. Prefill the chunk's left-padded prompts once (vision encoder once per image), keeping the last logits.
     2. Expand the KV cache, logits, mask and positions G-fold (repeat_interleave on the batch dim), so
        rows n*G .. n*G+G-1 continue prompt n.
-    3. Decode all B*G rows together. Token t of a row sits at rotary position `next_pos + t`: for
+    3. Decode all the chunk's rows together. Token t of a row sits at rotary position `next_pos + t`: for
        Qwen2.5-VL that is max(prompt mrope position) + 1 + t on all three (t, h, w) axes, which is what
        transformers' generate computes from `rope_deltas`; for text models it is prompt length + t.
        Positions are passed explicitly, so no hidden `rope_deltas` state in the model is relied on.
     Special tokens other than end-of-turn are never sampled (a sampled <|image_pad|> breaks the next
-    forward). Finished rows emit pad and are masked; the loop stops when every row is done. All
-    randomness goes through `generator` (which must live on the policy's device).
-    `temperature=0`: greedy decoding (eval.py, with group_size=1).
+    forward). Finished rows emit pad and are masked; a chunk stops when every row is done.
+    [speed / memory] `decode_chunk` prompts (whole groups) are decoded at a time (0: `auto_decode_chunk`), so the
+    expanded KV cache of a paper-scale batch need not fit at once; every uniform number the sampling uses is
+    drawn up front (one per row and step, from `generator`, which must live on the policy's device), so
+    the responses do not depend on the chunking. `temperature=0`: greedy decoding (eval.py, group_size=1).
     """
-    model, G = policy.model, group_size
+    model, G, B = policy.model, group_size, len(samples)
     was_training = model.training
     model.eval()  # also lets gradient-checkpointed models use the KV cache
     try:
         prompts = encode_prompts(policy, samples)
-        out = forward_logits(model, prompts, use_cache=True, logits_to_keep=1)
-        # [speed] the prompts are prefilled once and their cache expanded G-fold into a preallocated static cache
-        cache = _expanded_static_cache(model, kv_cache(out), G, prompts["input_ids"].shape[1] + max_new_tokens)
-        logits = out.logits[:, -1].repeat_interleave(G, 0)
-        B, N = len(samples), len(samples) * G
-        prompt_mask = prompts["attention_mask"].repeat_interleave(G, 0)
-        attn = torch.cat([prompt_mask, prompt_mask.new_ones(N, max_new_tokens)], 1)
-        next_pos = prompts["next_pos"].repeat_interleave(G)
-        tokens = torch.full((N, max_new_tokens), policy.pad_id, dtype=torch.long, device=policy.device)
-        logps = torch.zeros(N, max_new_tokens, device=policy.device)
-        entropy = torch.zeros(N, max_new_tokens, device=policy.device)
-        mask = torch.zeros(N, max_new_tokens, device=policy.device)
-        done = torch.zeros(N, dtype=torch.bool, device=policy.device)
-        check_every = 16 if policy.device.type == "cuda" else 1
-        for t in range(max_new_tokens):
-            if t > 0:
-                pos = (next_pos + t - 1)[:, None]
-                pos = pos[None].expand(3, N, 1) if policy.is_vlm else pos
-                step = dict(input_ids=tokens[:, t - 1 : t], attention_mask=attn[:, : prompt_mask.shape[1] + t],
-                            position_ids=pos)
-                logits = forward_logits(model, step, cache=cache, logits_to_keep=1).logits[:, -1]
-            logits = logits.float()
-            lse = logits.logsumexp(-1)  # the policy's own distribution (temperature 1, nothing suppressed)
-            entropy[:, t] = lse - (torch.exp(logits - lse[:, None]) * logits).sum(-1)
-            logits[:, policy.suppress_ids] = float("-inf")
-            nxt = _sample_token(logits, temperature, top_p, generator).masked_fill(done, policy.pad_id)
-            tokens[:, t] = nxt
-            mask[:, t] = (~done).float()
-            logps[:, t] = torch.where(done, 0.0, logits.gather(-1, nxt[:, None]).squeeze(-1) - lse)
-            done |= nxt == policy.eos_id
-            # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token)
-            if (t + 1) % check_every == 0 and bool(done.all()):
-                break
-        steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # [speed] trim steps after the last end
-        tokens, logps, mask, entropy = tokens[:, :steps], logps[:, :steps], mask[:, :steps], entropy[:, :steps]
-        lengths = mask.sum(1).long().tolist()
-        texts = policy.tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)],
-                                              skip_special_tokens=True)
+        uniforms = (torch.rand(max_new_tokens, B * G, generator=generator, device=policy.device)
+                    if temperature > 0 else None)
+        chunk = decode_chunk or auto_decode_chunk(policy, prompts["input_ids"].shape[1] + max_new_tokens, G, B)
+        parts = [_decode(policy, prompts, torch.arange(start, min(start + chunk, B), device=policy.device), G,
+                         max_new_tokens, temperature, top_p,
+                         uniforms[:, start * G : (start + chunk) * G] if uniforms is not None else None)
+                 for start in range(0, B, chunk)]
     finally:
         model.train(was_training)
+    T = max(p["tokens"].shape[1] for p in parts)
+    cat = lambda key, fill: torch.cat([torch.nn.functional.pad(p[key], (0, T - p[key].shape[1]), value=fill)  # noqa: E731
+                                       for p in parts])
+    tokens, mask = cat("tokens", policy.pad_id), cat("mask", 0.0)
+    lengths = mask.sum(1).long().tolist()
+    texts = policy.tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)], skip_special_tokens=True)
     return Rollout(prompts=prompts, group_size=G, prompt_index=torch.arange(B, device=policy.device).repeat_interleave(G),
-                   response_ids=tokens, response_mask=mask, texts=texts, logprobs=logps, entropy=entropy,
-                   finished=done)
+                   response_ids=tokens, response_mask=mask, texts=texts, logprobs=cat("logprobs", 0.0),
+                   entropy=cat("entropy", 0.0), finished=torch.cat([p["done"] for p in parts]))
+
+
+def auto_decode_chunk(policy: Policy, seq_len: int, group_size: int, prompts: int, budget: float = 0.5) -> int:
+    """Prompts per decode chunk: all of them on CPU; on CUDA as many as keep the expanded KV cache (2 x layers
+    x KV heads x head dim x `seq_len` positions x G rows per prompt, in the model's dtype) within `budget`
+    of the free GPU memory (at least one prompt)."""
+    if policy.device.type != "cuda":
+        return prompts
+    text = policy.model.config.get_text_config()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    per_prompt = (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * seq_len * group_size
+                  * torch.finfo(getattr(policy.model, "autocast_dtype", None) or policy.model.dtype).bits // 8)
+    free, _ = torch.cuda.mem_get_info(policy.device)
+    return max(1, min(prompts, int(budget * free // per_prompt)))
+
+
+def _decode(policy: Policy, prompts: dict, rows: Tensor, G: int, max_new_tokens: int, temperature: float,
+            top_p: float, uniforms: Tensor | None) -> dict[str, Tensor]:
+    """Decode G responses for each of the prompts `rows` (indices into `prompts`): tokens, per-token
+    log-probs, entropies and mask [n, T], and `done` [n] (ended with end-of-turn)."""
+    model = policy.model
+    empty = prompts["input_ids"][rows, :0]
+    batch = join_prompt_response(prompts, rows, empty, empty.float())  # the chunk's prompts (and their images)
+    out = forward_logits(model, batch, use_cache=True, logits_to_keep=1)
+    # [speed] the prompts are prefilled once and their cache expanded G-fold into a preallocated static cache
+    cache = _expanded_static_cache(model, kv_cache(out), G, batch["input_ids"].shape[1] + max_new_tokens)
+    logits = out.logits[:, -1].repeat_interleave(G, 0)
+    del out  # [memory] the prefill's output is not needed during the decode
+    N = len(rows) * G
+    prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
+    attn = torch.cat([prompt_mask, prompt_mask.new_ones(N, max_new_tokens)], 1)
+    next_pos = prompts["next_pos"][rows].repeat_interleave(G)
+    tokens = torch.full((N, max_new_tokens), policy.pad_id, dtype=torch.long, device=policy.device)
+    logps = torch.zeros(N, max_new_tokens, device=policy.device)
+    entropy = torch.zeros(N, max_new_tokens, device=policy.device)
+    mask = torch.zeros(N, max_new_tokens, device=policy.device)
+    done = torch.zeros(N, dtype=torch.bool, device=policy.device)
+    check_every = 16 if policy.device.type == "cuda" else 1
+    for t in range(max_new_tokens):
+        if t > 0:
+            pos = (next_pos + t - 1)[:, None]
+            pos = pos[None].expand(3, N, 1) if policy.is_vlm else pos
+            step = dict(input_ids=tokens[:, t - 1 : t], attention_mask=attn[:, : prompt_mask.shape[1] + t],
+                        position_ids=pos)
+            logits = forward_logits(model, step, cache=cache, logits_to_keep=1).logits[:, -1]
+        logits = logits.float()
+        lse = logits.logsumexp(-1)  # the policy's own distribution (temperature 1, nothing suppressed)
+        entropy[:, t] = lse - (torch.exp(logits - lse[:, None]) * logits).sum(-1)
+        logits[:, policy.suppress_ids] = float("-inf")
+        u = uniforms[t] if uniforms is not None else None
+        nxt = _sample_token(logits, temperature, top_p, u=u).masked_fill(done, policy.pad_id)
+        tokens[:, t] = nxt
+        mask[:, t] = (~done).float()
+        logps[:, t] = torch.where(done, 0.0, logits.gather(-1, nxt[:, None]).squeeze(-1) - lse)
+        done |= nxt == policy.eos_id
+        # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token)
+        if (t + 1) % check_every == 0 and bool(done.all()):
+            break
+    steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # [speed] trim steps after the last end
+    return dict(tokens=tokens[:, :steps], logprobs=logps[:, :steps], mask=mask[:, :steps],
+                entropy=entropy[:, :steps], done=done)
 
 
 # ----------------------------------------------------------------------------- one GRPO step
@@ -273,7 +317,8 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
                          "pass one, or set kl_coef=0")
     clock = _Clock(policy.device)
     G = cfg.group_size
-    rollout = sample_groups(policy, samples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator)
+    rollout = sample_groups(policy, samples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
+                            cfg.decode_chunk)
     clock.lap("time/rollout")
     rewards = score(samples, rollout.texts, reward_fn, G)
     advantages = group_advantages(rewards["total"], G, scale=cfg.std_scale).to(policy.device)
