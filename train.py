@@ -84,6 +84,7 @@ class TrainConfig:
     entropy_coef: float = _f(0.0, "weight of an entropy bonus in the loss (released code: 1e-3)")
     kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
     drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
+    decode_chunk: int = _f(0, "prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)")
     max_steps_per_stage: int = _f(0, "cap on GRPO steps per stage (0: one pass over the stage's data)")
     # model
     max_pixels: int = _f(0, "image budget in pixels for the vision encoder (0: the model's default)")
@@ -97,21 +98,26 @@ class TrainConfig:
     cache_dir: str = _f(CACHE_DIR, "where the synthetic dataset and the tiny model are cached")
     resume: bool = _f(False, "continue from the latest checkpoint in --out")
     save_every: int = _f(50, "write a checkpoint every N steps (and at the end of each stage)")
+    keep_checkpoints: int = _f(1, "full checkpoints kept on disk (the newest N; one more exists while the next is being written)")
     eval_every: int = _f(0, "evaluate on held-out samples of the current stage every N steps (0: only at stage ends)")
     eval_samples: int = _f(200, "held-out samples per evaluation (0: the whole test split)")
     max_nonfinite: int = _f(5, "stop the run after this many consecutive steps with a non-finite loss")
     debug: bool = _f(False, "show the full traceback of an error (otherwise a user error prints one line)")
 
 
+# Image budgets: the paper gives none; the released config sets max_pixels 128,450,560 (10x the checkpoint's
+# 12.8 M, i.e. full resolution: a 5,839 x 5,449 map becomes ~40k image tokens, for 8 GPUs). `paper` takes
+# 1280 x 28 x 28 pixels (1,280 image tokens per map), which keeps one 80 GB GPU's prefill and KV cache small.
 PRESETS = {
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, kl_coef=1e-3, batch_size=16, group_size=8,
                   max_new_tokens=2048, planning_max_new_tokens=2048, weight_decay=1e-2, max_grad_norm=1.0,
-                  gradient_checkpointing=True, micro_batch_size=8, max_pixels=0, eval_every=0),
+                  gradient_checkpointing=True, micro_batch_size=8, max_pixels=1280 * 28 * 28, eval_every=0),
     # the authors' released training script (scripts/reward_map.sh + reward_map.yaml + verl defaults)
     "released": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, weight_decay=1e-2, kl_coef=1e-2, kl_clamp=10.0,
                      batch_size=16, group_size=4, aggregation="sequence", entropy_coef=1e-3, format_score=0.0,
                      no_detail_floor=True, detail_variant="released", drop_last=True, max_new_tokens=2048,
-                     planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=8),
+                     planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=8,
+                     max_pixels=128_450_560),
 }
 
 
@@ -152,14 +158,14 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
     if cfg.detail_variant not in ("paper", "released"):
         raise ValueError(f"--detail-variant must be paper or released, got {cfg.detail_variant!r}")
-    for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs"):
+    for name in ("group_size", "batch_size", "micro_batch_size", "ppo_epochs", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     for name, ok, rule in (("kl_coef", cfg.kl_coef >= 0, ">= 0"), ("clip_eps", cfg.clip_eps > 0, "> 0"),
                            ("temperature", cfg.temperature >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
                            ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0"),
                            ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0"),
-                           ("max_new_tokens", cfg.max_new_tokens >= 0, ">= 0"),
+                           ("max_new_tokens", cfg.max_new_tokens >= 0, ">= 0"), ("decode_chunk", cfg.decode_chunk >= 0, ">= 0"),
                            ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
@@ -192,13 +198,13 @@ def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
                            ppo_epochs=cfg.ppo_epochs, micro_batch_size=cfg.micro_batch_size,
                            aggregation=cfg.aggregation, std_scale=not cfg.no_std_scale,
                            max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
-                           kl_clamp=cfg.kl_clamp or None)
+                           kl_clamp=cfg.kl_clamp or None, decode_chunk=cfg.decode_chunk)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
 
-MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "eval_every", "eval_samples", "max_nonfinite",
-                        "gradient_checkpointing", "debug")
+MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
+                        "max_nonfinite", "gradient_checkpointing", "decode_chunk", "debug")
 """The settings a resumed run may change: where things are written and how often, what is only logged, and
 recomputation that leaves the update's value unchanged. Every other TrainConfig field changes what the run
 computes, so a resumed run must keep the killed run's value, or its steps would not continue that run's."""
@@ -215,14 +221,21 @@ def check_resume_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
                          "resume with the same flags, or start a new --out")
 
 
+def _step_of(folder: Path) -> int:
+    """The global step in a checkpoint folder's name (step-000042 -> 42)."""
+    return int(folder.name.split("-", 1)[1])
+
+
 def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, position: dict,
                     cfg: TrainConfig) -> Path:
     """Write checkpoints/step-N (HF model + trainer state) to a temporary name, rename it into place,
-    then atomically repoint checkpoints/latest; a kill at any moment leaves the previous one usable."""
+    then atomically repoint checkpoints/latest; a kill at any moment leaves the previous one usable.
+    Afterwards only the newest --keep-checkpoints step folders remain (never the one `latest` names)."""
     root = out / "checkpoints"
     final = root / f"step-{position['global_step']:06d}"
     tmp = root / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    for stale in root.glob(".tmp-step-*"):  # a save cut short by a kill (at 7B, ~100 GB each)
+        shutil.rmtree(stale, ignore_errors=True)
     models.save_policy(policy, tmp, budgets=budgets(cfg))
     torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "position": position,
@@ -233,8 +246,14 @@ def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, po
     pointer = root / ".latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    for old in root.glob("step-*"):  # keep only the latest
-        if old != final:
+    current = latest_checkpoint(out)
+    # the newest keep_checkpoints - 1 before this one stay; folders numbered after it are left by a killed run
+    # that got ahead of the checkpoint this run resumed from, and are dropped like the older ones
+    older = sorted((d for d in root.glob("step-*") if d.is_dir() and d.name[5:].isdigit() and d != final),
+                   key=_step_of, reverse=True)
+    keep = [d for d in older if _step_of(d) < _step_of(final)][: max(cfg.keep_checkpoints - 1, 0)]
+    for old in older:
+        if old not in keep and old != current:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -310,7 +329,9 @@ def train(cfg: TrainConfig) -> dict:
     ckpt = latest_checkpoint(out) if cfg.resume else None
     if cfg.resume and ckpt is None:
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=False) if ckpt is not None else None
+    # on the CPU: optimizer.load_state_dict moves each moment to its parameter's device, so a GPU never holds
+    # a second copy of the optimizer state; weights_only=False: the state holds RNG states and python objects
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) if ckpt is not None else None
     if state is not None:
         check_resume_config(cfg, state.get("config", {}), ckpt)
     if not cfg.resume and metrics_path.exists():
@@ -345,7 +366,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer = precision.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
                                          stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
     if ckpt is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        optimizer.load_state_dict(state.pop("optimizer"))  # and the host copy goes once loaded
 
     reward_cfg = reward_config(cfg)
     score = lambda sample, response: rewards.reward(sample, response, reward_cfg)

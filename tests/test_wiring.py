@@ -19,6 +19,7 @@ from synthetic import make_questions
 ELSEWHERE = {
     "max_nonfinite": "tests/test_train.py::test_nonfinite_run_is_reported_and_stopped (stops after exactly N)",
     "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
+    "keep_checkpoints": "tests/test_checkpoints.py::test_keep_checkpoints_keeps_the_newest_n (the newest N stay)",
 }
 
 # one changed value per flag (argv), and the components that must then receive something else
@@ -42,6 +43,7 @@ CHANGES = {
     "temperature": (["--temperature", "0.7"], GRPO), "top_p": (["--top-p", "0.9"], GRPO),
     "max_grad_norm": (["--max-grad-norm", "0.5"], GRPO), "entropy_coef": (["--entropy-coef", "0.001"], GRPO),
     "kl_clamp": (["--kl-clamp", "10"], GRPO), "drop_last": (["--drop-last"], {"batches"}),
+    "decode_chunk": (["--decode-chunk", "2"], GRPO),
     "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
     "max_pixels": (["--max-pixels", "50000"], {"load_model"}), "dtype": (["--dtype", "bfloat16"], {"load_model"}),
     "bf16_update": (["--bf16-update", "stochastic"], {"load_model"}),
