@@ -1,5 +1,7 @@
 """bench.py plumbing on a tiny workload (1 step, no TRL), and the exactness of the fast paths it times."""
 import json
+import os
+import resource
 
 import pytest
 import torch
@@ -10,15 +12,30 @@ import grpo
 import model as M
 
 
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
 def test_bench_runs_and_prints_one_json_line(tmp_path, capsys):
+    rss_before = _peak_rss_mb()
     out = bench.main(["--workload", "tiny-text", "--steps", "1", "--warmup", "0", "--prompts", "2",
                       "--group-size", "2", "--max-new-tokens", "3", "--cache-dir", str(tmp_path)])
+    rss_after = _peak_rss_mb()
     lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
     assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(out))
     assert out["steps"] == 1 and out["completion_len"]["median"] == 3  # end-of-turn suppressed: full length
     for key in ("rollout_s", "scoring_s", "log-probs_s", "update_s", "step_s", "completion_tok/s"):
-        assert out[key]["min"] <= out[key]["median"] <= out[key]["max"] and out[key]["median"] >= 0
-    assert out["peak_memory_mb"] > 0 and "trl" not in out
+        assert 0 < out[key]["min"] == out[key]["median"] == out[key]["max"], key  # one step: one value
+    phases = sum(out[k]["median"] for k in ("rollout_s", "scoring_s", "log-probs_s", "update_s"))
+    assert 0.5 * out["step_s"]["median"] < phases <= out["step_s"]["median"]  # the phases of the timed step
+    # 2 prompts x 2 responses x 3 tokens per step
+    assert out["completion_tok/s"]["median"] * out["step_s"]["median"] == pytest.approx(12, rel=1e-6)
+    # the process's peak RSS in MB on the CPU: not below what it was before the run (torch and the tiny model
+    # already imported: hundreds of MB), not above what it is after, far below the machine's memory
+    assert out["device"] == "cpu"
+    assert 100 < rss_before <= out["peak_memory_mb"] <= rss_after
+    assert out["peak_memory_mb"] < os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**20
+    assert "trl" not in out
 
 
 def test_shape_workloads_are_the_published_sizes():
@@ -43,5 +60,6 @@ def test_shared_prompt_logprobs_equal_full_sequence_pass(kind, tiny_lm, tiny_vlm
     assert ((shared - ro.logprobs[idx]) * mask).abs().max() < 1e-5  # and == the sampler's log-probs
     g_full = torch.autograd.grad((full * mask).sum(), params, allow_unused=True)
     g_shared = torch.autograd.grad((shared * mask).sum(), params, allow_unused=True)
+    assert sum(a is not None and bool(a.abs().sum() > 0) for a in g_full) > len(params) // 2  # real gradients compared
     for a, b in zip(g_full, g_shared):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4))

@@ -1,3 +1,4 @@
+import random
 from collections import Counter
 from types import SimpleNamespace
 
@@ -88,3 +89,66 @@ def test_drop_last_drops_the_partial_batch_of_every_pass():
     assert [len(b) for b in dropped] == [4, 4] and dropped == kept[:2]
     assert [len(b) for b in batches(stage, 4, max_steps=5, drop_last=True)] == [4, 4, 4, 4, 4]
     assert batches(stage[:3], 4, max_steps=3, drop_last=True) == []
+
+
+def _runs(qtypes):
+    """Number of maximal runs of equal consecutive values (a list sorted into blocks has one per value)."""
+    return sum(1 for k, q in enumerate(qtypes) if k == 0 or q != qtypes[k - 1])
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_none_mixes_all_six_types_in_one_shuffled_stage(seed):
+    """`none`: one stage, planning interleaved with the Plus types from the start (not Plus, then planning)."""
+    samples = make(20)
+    stages = build_curriculum(samples, "none", seed=seed)
+    assert [name for name, _ in stages] == ["all"]
+    qs = [s.qtype for s in stages[0][1]]
+    assert sorted(qs) == sorted(s.qtype for s in samples)
+    # the first and the last 30 of 120 hold planning and Plus questions alike (a coarse-like order has only Plus
+    # first and only planning last), and at least four of the six types
+    for window in (qs[:30], qs[-30:]):
+        assert "planning" in window and any(q != "planning" for q in window), window
+        assert len(set(window)) >= 4, window
+    assert _runs(qs) > 60  # 120 items of 6 types in random order: ~100 runs; blocks by type: 6
+    # and the stage is shuffled by its own seed
+    assert qs != [s.qtype for s in build_curriculum(samples, "none", seed=seed + 10)[0][1]]
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_coarse_interleaves_the_five_plus_types_then_planning(seed):
+    samples = make(20)
+    (p_name, perception), (q_name, planning) = build_curriculum(samples, "coarse", seed=seed)
+    assert (p_name, q_name) == ("perception", "planning")
+    qs = [s.qtype for s in perception]
+    assert sorted(qs) == sorted(q for q in TYPES if q != "planning" for _ in range(20))
+    assert [s.qtype for s in planning] == ["planning"] * 20
+    assert len(set(qs[:20])) >= 4 and len(set(qs[-20:])) >= 4, qs  # mixed from start to end, not type by type
+    assert _runs(qs) > 50  # 100 items of 5 types shuffled together: ~80 runs; one block per type: 5
+
+
+@pytest.mark.parametrize("stage_size,batch_size,max_steps", [(24, 4, 15), (22, 4, 20), (21, 5, 13)])
+def test_fine_sub_order_holds_in_every_pass(stage_size, batch_size, max_steps):
+    """train.py cuts each stage with `group_of`: counting2/3 before counting1 in every pass (partial passes and
+    partial batches included), judgement's torf1/torf2 still interleaved, every pass a permutation of the stage."""
+    rng = random.Random(stage_size)
+    samples = [SimpleNamespace(id=f"{q}-{i}", qtype=q)
+               for q in TYPES for i in range(rng.randint(stage_size // 3, stage_size // 2))]
+    for name, stage in build_curriculum(samples, "fine", seed=3):
+        steps = batches(stage, batch_size, max_steps=max_steps, seed=3, group=group_of("fine", name))
+        assert len(steps) == max_steps
+        flat = [s for b in steps for s in b]
+        passes = [flat[k : k + len(stage)] for k in range(0, len(flat), len(stage))]
+        assert len(passes) >= 3, name  # at least two passes after the first
+        for k, p in enumerate(passes):
+            full = len(p) == len(stage)
+            if full:
+                assert sorted(s.id for s in p) == sorted(s.id for s in stage), (name, k)
+            if name == "counting":
+                is1 = [s.qtype == "counting1" for s in p]
+                assert is1 == sorted(is1), (name, k)  # no counting2/3 after a counting1
+                if full:
+                    assert sum(is1) == sum(s.qtype == "counting1" for s in stage)
+            elif name == "judgement" and full:
+                assert _runs([s.qtype for s in p]) > 4, (name, k)  # still mixed, not torf1 then torf2
+        ids = [[s.id for s in p] for p in passes if len(p) == len(stage)]
+        assert len({tuple(x) for x in ids}) == len(ids), name  # each pass reshuffled

@@ -9,9 +9,11 @@ import collections
 import dataclasses
 import io
 import json
+import os
 import random
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -288,6 +290,21 @@ def test_loader_normalises_released_variants(tmp_path):
     ({"type": "planning", "question_transfer_count": -1}, "question_transfer_count"),
     ({"question": ""}, "question"),
     ({"type": "planning", "station_2": "Nowhere Station"}, "station_2"),
+    ({"figure": base64.b64encode(b"plain text, not an image").decode()}, "figure"),  # valid base64, not an image
+    ({"type": "planning", "routes": "{not json"}, "routes"),
+    ({"type": "planning", "routes": 5}, "routes"),
+    ({"type": "planning", "routes": {"plan_1": "Line 1: A Station -> B Station"}}, "routes"),  # a plan, not a list
+    ({"type": "planning", "routes": {"plan_1": {"route_name": "Line 1"}}}, "routes"),
+    ({"type": "planning", "routes": [[{"route_name": "Line 1", "departure_stop": "A Station"}]]}, "routes"),  # no arrival
+    ({"type": "planning", "routes": [[["Line 1", "A Station"]]]}, "routes"),  # a 2-tuple segment
+    ({"type": "planning", "routes": json.dumps({"plan_1": [{"route_name": "Line 1", "arrival_stop": "B"}]})}, "routes"),
+    ({"type": "planning", "station_1": None}, "station_1"),
+    ({"type": "planning", "station_2": None}, "station_2"),
+    ({"type": "planning", "station_2": None, "routes": [[["Line 1", "A Station", "B Station"]]]}, "station_2"),
+    ({"type": "planning", "json": None}, "json"),
+    ({"type": "planning", "difficulty_question": "extreme"}, "difficulty_question"),
+    ({"type": "planning", "question_transfer_count": "two"}, "question_transfer_count"),
+    ({"type": None, "question": "q", "answer": 1}, "type"),  # not a planning row: stations and a question
 ])
 def test_bad_rows_name_file_row_and_field(tmp_path, change, field):
     metro = {"Line 1": ["A Station", "B Station"]}
@@ -299,6 +316,60 @@ def test_bad_rows_name_file_row_and_field(tmp_path, change, field):
         data.load_samples(path)
     msg = str(e.value)
     assert str(path) in msg and "row 2" in msg and f"field '{field}'" in msg, msg
+
+
+@pytest.mark.parametrize("line", ['[1, 2]', '"a string"', '7', 'null'])
+def test_row_that_is_not_an_object_names_file_row_and_field(tmp_path, line):
+    good = {"type": "TorF1", "question": "q", "answer": 1, "json": {"L": ["A", "B"]}, "difficulty_city": "easy"}
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(good) + "\n\n" + line + "\n")  # a blank line still counts: the bad row is line 3
+    with pytest.raises(ValueError) as e:
+        data.load_samples(path)
+    msg = str(e.value)
+    assert str(path) in msg and "row 3" in msg and "field '<row>'" in msg and "JSON object" in msg, msg
+    (tmp_path / "rows.json").write_text(json.dumps([good, json.loads(line)]))  # a JSON list: row 2
+    with pytest.raises(ValueError, match=r"rows.json: row 2: field '<row>'"):
+        data.load_samples(tmp_path / "rows.json")
+
+
+def test_missing_dataset_path_names_it(tmp_path):
+    missing = tmp_path / "no" / "such-dataset"
+    for call in (lambda: data.load_samples(missing), lambda: data.load_samples(missing, "test"),
+                 lambda: data.dataset_splits(missing), lambda: data.load_samples(missing / "train.jsonl")):
+        with pytest.raises(FileNotFoundError) as e:
+            call()
+        assert str(missing) in str(e.value) and "no such dataset file or folder" in str(e.value)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path / 'empty'}: no test data"):
+        data.load_samples(tmp_path / "empty", "test")
+
+
+def test_read_only_dataset_caches_base64_figures_in_a_temp_folder(tmp_path, monkeypatch):
+    """A dataset folder the user cannot write to: decoded figures go to the temp folder, loading still works.
+    chmod does not stop root (the tests may run as root), so os.access is made to say "read-only" too."""
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    row = {"type": "TorF1", "question": "q", "answer": 1, "json": {"L": ["A", "B"]}, "difficulty_city": "easy",
+           "figure": _png_b64(tmp_path)}
+    (folder / "test.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": 0}) + "\n")
+    temp = tmp_path / "system-temp"
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # tempfile.gettempdir() -> here
+    real_access = os.access
+    monkeypatch.setattr(data.os, "access", lambda p, mode, *a, **kw: False if Path(p) == folder and mode & os.W_OK
+                        else real_access(p, mode, *a, **kw))
+    folder.chmod(0o555)
+    try:
+        samples = data.load_samples(folder, "test")
+    finally:
+        folder.chmod(0o755)
+    assert [s.answer for s in samples] == ["yes", "no"]
+    assert {Path(s.image).parent for s in samples} == {temp / "rewardmap_figures"}  # one cached file, in the temp folder
+    with Image.open(samples[0].image) as im:
+        assert im.size == (4, 3)
+    assert not (folder / ".figure_cache").exists() and sorted(p.name for p in folder.iterdir()) == ["test.jsonl"]
+    # a writable folder keeps its cache next to the data
+    monkeypatch.setattr(data.os, "access", real_access)
+    assert {Path(s.image).parent for s in data.load_samples(folder, "test")} == {folder / ".figure_cache"}
 
 
 def test_unparsable_jsonl_line_and_missing_optional_packages(tmp_path, monkeypatch):

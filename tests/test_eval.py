@@ -1,10 +1,16 @@
 """eval.py: the paper's metrics on hand-built responses, the text table, and the self-contained HTML page."""
+import html
 import json
+import math
+import random
 from html.parser import HTMLParser
 
 import pytest
+import torch
+from PIL import Image
 
 import cli
+import data
 import eval as evaluation
 import rewards
 import synthetic
@@ -42,12 +48,16 @@ def test_metrics_on_hand_built_responses(samples):
     assert summary["plus"]["weighted_acc"] == pytest.approx(wacc({"torf1", "torf2", "counting1", "counting2", "counting3"}))
     assert summary["plus"]["count"] == pytest.approx(wacc({"counting1", "counting2", "counting3"}))
     assert summary["plus"]["torf"] == pytest.approx(wacc({"torf1", "torf2"}))
-    plan = [(s, i % 2 == 0) for i, s in enumerate(samples) if s.qtype == "planning"]
-    assert 0 < summary["planning"]["weighted_acc"] < 1
+    # planning: weight 1 + (question difficulty + map difficulty) / 2 steps (docs/rewardmap.md §6.2: 1.0 .. 3.0)
+    plan = [(1 + 0.5 * (["easy", "medium", "hard"].index(s.question_difficulty)
+                        + ["easy", "middle", "hard"].index(s.map_difficulty)), i % 2 == 0)
+            for i, s in enumerate(samples) if s.qtype == "planning"]
+    assert len({w for w, _ in plan}) > 1 and {ok for _, ok in plan} == {True, False}  # the weights matter here
+    assert summary["planning"]["weighted_acc"] == pytest.approx(sum(w * ok for w, ok in plan) / sum(w for w, _ in plan))
+    assert summary["planning"]["acc"] == pytest.approx(sum(ok for _, ok in plan) / len(plan))
     for q, acc in summary["per_type_accuracy"].items():
         oks = [i % 2 == 0 for i, s in enumerate(samples) if s.qtype == q]
         assert acc == pytest.approx(sum(oks) / len(oks)), q
-    assert len(plan) == sum(1 for s in samples if s.qtype == "planning")
 
 
 def test_all_right_and_all_wrong(samples):
@@ -98,3 +108,108 @@ def test_scorers_name_the_bad_sample(samples):
     plan = next(s for s in samples if s.qtype == "planning")
     with pytest.raises(ValueError, match=f"sample {plan.id}"):
         evaluation.plus_accuracy([plan], ["no box"])
+
+
+# ------------------------------------------------------------------------------------------ evaluate / generate
+
+
+class _FakeRollout:
+    def __init__(self, texts, finished):
+        self.texts, self.finished = texts, torch.tensor(finished, dtype=torch.bool)
+
+
+def _fake_sampler(calls, cut):
+    """A grpo.sample_groups that records each call and answers every question right (`right`), tagged with its
+    id; questions whose id is in `cut` come back unfinished (hit the token budget)."""
+    def sample_groups(policy, samples, group_size, max_new_tokens, temperature=1.0, top_p=1.0, generator=None,
+                      **kw):
+        calls.append(dict(ids=[s.id for s in samples], qtypes={s.qtype for s in samples}, tokens=max_new_tokens,
+                          group_size=group_size, temperature=temperature))
+        return _FakeRollout([f"[{s.id}]\n{right(s)}" for s in samples], [s.id not in cut for s in samples])
+
+    return sample_groups
+
+
+@pytest.mark.parametrize("planning_tokens,batch_size", [(48, 4), (None, 5), (48, 64)])
+def test_evaluate_keeps_input_order_and_per_type_budgets(samples, monkeypatch, planning_tokens, batch_size):
+    shuffled = list(samples)
+    random.Random(3).shuffle(shuffled)  # types and question lengths interleaved, so batching must reorder
+    cut = {s.id for s in shuffled[::4]}
+    calls = []
+    monkeypatch.setattr(evaluation.grpo, "sample_groups", _fake_sampler(calls, cut))
+    summary = evaluation.evaluate(None, shuffled, max_new_tokens=7, planning_max_new_tokens=planning_tokens,
+                                  batch_size=batch_size, progress=False)
+    # records in input order, each with its own response and truncation flag
+    assert [r["id"] for r in summary["records"]] == [s.id for s in shuffled]
+    assert [r["response"] for r in summary["records"]] == [f"[{s.id}]\n{right(s)}" for s in shuffled]
+    assert [r["truncated"] for r in summary["records"]] == [s.id in cut for s in shuffled]
+    assert summary["truncated"] == len(cut) and summary["n"] == len(shuffled)
+    # metrics scored on the right pairs: every answer is right for its own question
+    assert summary["plus"]["weighted_acc"] == 1.0 and summary["planning"]["weighted_acc"] == 1.0
+    assert all(r["reward"]["correctness"] > 0 for r in summary["records"])
+    # each question generated once, greedily, at most batch_size at a time
+    assert sorted(i for c in calls for i in c["ids"]) == sorted(s.id for s in shuffled)
+    for c in calls:
+        assert c["group_size"] == 1 and c["temperature"] == 0.0 and len(c["ids"]) <= batch_size
+        if planning_tokens is None:  # one budget for every type (planning may share a batch)
+            assert c["tokens"] == 7, c
+        else:  # a batch holds one kind, generated with that kind's budget
+            assert c["qtypes"] == {"planning"} or "planning" not in c["qtypes"], c
+            assert c["tokens"] == (48 if c["qtypes"] == {"planning"} else 7), c
+    if planning_tokens:
+        assert {c["tokens"] for c in calls} == {7, 48}
+
+
+# ------------------------------------------------------------------------------------------ the HTML page
+
+
+FIELDS = {"id": 'id-"1"<b>bold-id</b>', "question": "<script>alert('question')</script>",
+          "answer": "<b>answer</b> & <i>more</i>", "response": "<script>alert('response')</script><b>r</b>",
+          "qtype": "<b>torf1</b>", "map_difficulty": "<b>easy</b>"}
+
+
+def test_html_page_escapes_every_field(samples, tmp_path):
+    s = next(x for x in samples if x.qtype == "torf1")
+    summary = evaluation.metrics_for([s], [right(s)])
+    Image.new("RGB", (8, 6), (200, 30, 30)).save(tmp_path / "map.png")  # small: the page embeds it per card
+    rec = {"id": s.id, "qtype": s.qtype, "map_difficulty": s.map_difficulty, "question": s.question, "answer": s.answer,
+           "response": right(s), "image": str(tmp_path / "map.png"), "reward": vars(rewards.reward(s, right(s)))}
+    summary["records"] = [{**rec, field: value} for field, value in FIELDS.items()]  # one hostile field per card
+    page = tmp_path / "eval.html"
+    evaluation.write_html(summary, page, n_examples=len(FIELDS))
+    text = page.read_text(encoding="utf-8")
+    parsed = _Page()
+    parsed.feed(text)
+    assert parsed.sections == len(FIELDS)
+    for field, value in FIELDS.items():
+        assert value not in text, field  # never raw
+        assert html.escape(value) in text, field  # but shown, escaped
+    assert "<script" not in text and "<b>" not in text
+    assert text.count('alt="map for ' + html.escape(FIELDS["id"]) + '"') == 1  # the attribute quote escaped too
+    assert "".join(parsed.text).count("alert('response')") == 1  # the browser shows the text itself
+
+
+# ------------------------------------------------------------------------------------------ the command line
+
+
+def test_eval_main_end_to_end_writes_strict_json_and_html(tmp_path, capsys):
+    """eval.py on an exported dataset whose test split has no counting questions (Count accuracy NaN -> null)."""
+    made = synthetic.synthetic_dataset(3, seed=5, out_dir=tmp_path / "made", questions_per_type=3, progress=False)
+    kept = [s for s in made if s.split == "train" or s.qtype in ("torf1", "torf2", "planning")]
+    folder = tmp_path / "ds"
+    data.export_dataset(kept, folder)
+    out = tmp_path / "out"
+    summary = evaluation.main(["--data", str(folder), "--limit", "6", "--out", str(out),
+                               "--cache-dir", str(tmp_path / "cache"), "--planning-max-new-tokens", "6"])
+    strict = lambda c: pytest.fail(f"eval.json is not strict JSON: {c}")  # noqa: E731
+    written = json.loads((out / "eval.json").read_text(encoding="utf-8"), parse_constant=strict)
+    test_ids = {s.id for s in kept if s.split == "test"}
+    assert written["n"] == summary["n"] == 6 and len(written["records"]) == 6
+    assert {r["id"] for r in written["records"]} <= test_ids and len({r["id"] for r in written["records"]}) == 6
+    assert written["plus"]["count"] is None and math.isnan(summary["plus"]["count"])
+    assert written["records"] == json.loads(cli.dumps(summary["records"]))
+    parsed = _Page()
+    parsed.feed((out / "eval.html").read_text(encoding="utf-8"))
+    assert parsed.sections == 6 and "ReasonMap-Plus weighted acc" in "".join(parsed.text)
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'eval.json'} and {out / 'eval.html'}" in printed

@@ -1,6 +1,5 @@
 """grpo.py: the math against hand-computed numbers, the batched decode against naive references,
 grpo_step's bookkeeping, and a learning test on the real code path."""
-import dataclasses
 import math
 import time
 from dataclasses import dataclass

@@ -21,6 +21,7 @@ from rewards import (
     parse_segments,
     planning_correct,
     reward,
+    transfer_count,
 )
 
 LENIENT = RewardConfig(parsing="lenient")  # this project's reading of the paper's text (docs/rewardmap.md §3.3)
@@ -353,6 +354,57 @@ def test_reward_transfer_count_fallback(sg):
     s = Sample(id="p", qtype="planning", question="", answer="", image=None, metro=sg, map_difficulty="easy",
                station_1="Somerset Station", station_2="Bras Basah Station")  # fmt: skip
     assert reward(s, "").weight == 1.5
+
+
+def test_negative_transfer_count_is_bad_data():
+    cfg = RewardConfig()
+    for bad in (-1, -5):
+        with pytest.raises(ValueError, match="transfer count"):
+            difficulty_weight("easy", bad, cfg)
+    s = Sample(id="p", qtype="planning", question="", answer="", image=None, metro=CHAIN, map_difficulty="easy",
+               station_1="A", station_2="C", transfer_count=-1)
+    with pytest.raises(ValueError, match="transfer count"):
+        reward(s, "")
+
+
+def _chain_planning(**kw):
+    return Sample(id="p", qtype="planning", question="", answer="", image=None, metro=CHAIN, map_difficulty="easy", **kw)
+
+
+LONG_WAY = [("Line 1", "A", "C"), ("Line 2", "C", "E"), ("Line 3", "E", "G"), ("Line 4", "G", "I"),
+            ("Line 5", "I", "K"), ("Line 6", "K", "M")]  # A -> M with 5 transfers; the Loop line takes none
+
+
+def test_transfer_count_stored_then_route_then_best_route():
+    """The stored count wins (0 included); else the sample's own route (not a recomputed best one); else best_route
+    on its metro; no route at all counts 0. The Plus weight W = gamma + beta follows."""
+    assert best_route(CHAIN, "A", "M") == [("Loop", "A", "M")]  # the hand-made city: the direct line exists
+    assert transfer_count(_chain_planning(station_1="A", station_2="M", route=LONG_WAY, transfer_count=3)) == 3
+    assert transfer_count(_chain_planning(station_1="A", station_2="M", route=LONG_WAY, transfer_count=0)) == 0
+    assert transfer_count(_chain_planning(station_1="A", station_2="M", route=LONG_WAY)) == 5  # its route
+    assert transfer_count(_chain_planning(station_1="A", station_2="M", route=LONG_WAY[:1])) == 0
+    assert transfer_count(_chain_planning(station_1="A", station_2="M")) == 0  # best_route: the Loop line
+    assert transfer_count(_chain_planning(station_1="B", station_2="L")) == 2  # Line 1 -> Loop -> Line 6
+    assert transfer_count(_chain_planning(station_1="D", station_2="H")) == 2  # Line 2 -> Line 3 -> Line 4
+    assert transfer_count(_chain_planning(station_1="A", station_2="Nowhere")) == 0  # no route: 0
+    # the reward's weight uses it: easy map gamma 1.0, plus beta_1 = 0.5 for >= 1 transfer, beta_0 = 0 for none
+    assert reward(_chain_planning(station_1="A", station_2="M", route=LONG_WAY), "").weight == 1.5
+    assert reward(_chain_planning(station_1="A", station_2="M"), "").weight == 1.0
+    assert reward(_chain_planning(station_1="B", station_2="L"), "").weight == 1.5
+
+
+def test_transfer_count_fallback_on_the_real_singapore_file(sg):
+    """Shipped metro data (tests/data/reasonmap-metro): Somerset -> Bras Basah needs one transfer; a stored route
+    with two segments counts one, whatever the metro says; a same-line pair counts none."""
+    s = Sample(id="p", qtype="planning", question="", answer="", image=None, metro=sg, map_difficulty="easy",
+               station_1="Somerset Station", station_2="Bras Basah Station")  # fmt: skip
+    assert transfer_count(s) == len(best_route(sg, s.station_1, s.station_2)) - 1 == 1
+    line = next(li for li, st in sg.items() if "Somerset Station" in st)
+    other = next(x for x in sg[line] if x != "Somerset Station")
+    same = replace(s, station_2=other)
+    assert transfer_count(same) == 0 and reward(same, "").weight == 1.0
+    given = replace(s, metro={}, route=[("X", "Somerset Station", "Y"), ("Z", "Y", "Bras Basah Station")])
+    assert transfer_count(given) == 1  # from the route alone: no metro needed
 
 
 def test_reward_rejects_unknown_qtype():

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 import train
 
@@ -44,18 +45,48 @@ def test_each_stage_runs_and_logs(tmp_path, stage):
     assert (out / "model" / "config.json").exists()
 
 
-def test_all_stages_in_order_and_checkpoint_loads_in_transformers(tmp_path):
+def test_all_stages_in_order_and_checkpoint_loads_in_transformers(tmp_path, monkeypatch):
     out = tmp_path / "run"
+    saved = {}  # folder -> the policy train.py saved there (checkpoints and, at the end, out/model)
+    real_save = train.models.save_policy
+    monkeypatch.setattr(train.models, "save_policy", lambda policy, folder, *a, **kw: (
+        saved.__setitem__(Path(folder), policy), real_save(policy, folder, *a, **kw)))
+    initial = {}  # the weights training starts from
+    real_load = train.models.load_model
+
+    def load(*a, **kw):
+        policy = real_load(*a, **kw)
+        initial.update({k: v.detach().clone() for k, v in policy.model.state_dict().items()})
+        return policy
+
+    monkeypatch.setattr(train.models, "load_model", load)
     train.main(small_args(tmp_path, "--stage", "all", "--max-steps-per-stage", "2", "--out", str(out)))
     log = rows(out / "metrics.jsonl")
     assert [r["stage"] for r in log] == ["judgement"] * 2 + ["counting"] * 2 + ["planning"] * 2
     assert [r["global_step"] for r in log] == list(range(1, 7))
     ckpt = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert list(ckpt.glob("*.safetensors")) and (ckpt / "trainer_state.pt").exists()
+    from safetensors.torch import load_file
     from transformers import AutoModelForImageTextToText
 
     loaded = AutoModelForImageTextToText.from_pretrained(out / "model")  # plain transformers, no project code
-    assert sum(p.numel() for p in loaded.parameters()) > 0
+    trained = saved[out / "model"].model
+    assert type(loaded) is type(trained)
+    assert sum(p.numel() for p in loaded.parameters()) == sum(p.numel() for p in trained.parameters())
+    # the very weights train.py ended with, in transformers' own names (and what model.safetensors holds)
+    want, got = trained.state_dict(), loaded.state_dict()
+    assert set(got) == set(want)
+    assert all(torch.equal(got[k].float(), want[k].detach().float()) for k in want), \
+        [k for k in want if not torch.equal(got[k].float(), want[k].detach().float())][:5]
+    files = {k: v for f in (out / "model").glob("*.safetensors") for k, v in load_file(f).items()}
+
+    def loaded_name(k):  # the file keeps Qwen2.5-VL's checkpoint names (model.layers..., visual...)
+        return next(n for n in (k, "model." + k, "model.language_model." + k.removeprefix("model.")) if n in got)
+
+    assert len(files) >= len(got) - 1  # all but a tied lm_head
+    assert all(torch.equal(v.float(), got[loaded_name(k)].float()) for k, v in files.items())
+    # and they are the trained weights, not the ones training started from
+    assert set(initial) == set(want) and any(not torch.equal(initial[k], want[k]) for k in want)
 
 
 # The killed run: train.py in a child process that SIGKILLs itself as its 6th GRPO step begins, so exactly
