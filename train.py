@@ -416,7 +416,7 @@ def train(cfg: TrainConfig) -> dict:
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
         save_checkpoint(out, policy, optimizer, generator, position, cfg)
     models.save_policy(policy, out / "model", dtype=dtype, budgets=budgets(cfg))  # checkpoints keep the training precision
-    if metrics_path.exists():
+    if metrics_path.exists() and not (out / "curves.png").exists():  # each stage's end already drew the curves
         plot_curves(metrics_path, out / "curves.png")
     print(f"done in {time.time() - t0:.0f} s: model in {out / 'model'}, metrics in {metrics_path}, curves in {out / 'curves.png'}")
     return summaries
