@@ -2,7 +2,7 @@
 
     python eval.py                                          # the tiny model on the synthetic test split
     python eval.py --model runs/default/model --split test  # a trained checkpoint
-    python eval.py --model DIR --data /data/reasonmap --split test --long
+    python eval.py --model DIR --data /data/ReasonMap --long    # the benchmark's validation split, 11 test cities
 
 Greedy decoding, batched. Prints ReasonMap-Plus weighted accuracy (overall / Count / TorF), planning
 weighted accuracy and weighted map score, and per-type accuracy; writes eval.json (metrics and every
@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="tiny", help="'tiny' (the untrained embedded model) or a model folder / hub id")
     ap.add_argument("--data", default="", help="dataset folder(s), comma-separated; empty: the synthetic dataset train.py caches")
-    ap.add_argument("--split", default="test", choices=("train", "test"), help="split to evaluate")
+    ap.add_argument("--split", default="test", choices=("train", "test"),
+                    help="test: the evaluation questions (a folder's test split, else its validation split's official "
+                         "test cities); train: the training questions")
     ap.add_argument("--cities", type=int, default=data.SYNTHETIC_CITIES, help="synthetic dataset: number of cities (as in train.py)")
     ap.add_argument("--seed", type=int, default=0, help="synthetic dataset and tiny model seed (as in train.py)")
     ap.add_argument("--cache-dir", default=data.CACHE_DIR, help="cache folder (as in train.py)")
