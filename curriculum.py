@@ -118,3 +118,24 @@ def batches(stage_samples: Sequence[T], batch_size: int, max_steps: int | None =
                 if not drop_last or i + batch_size <= len(order)]
         epoch += 1
     return out[:steps]
+
+
+def with_replay(steps: list[list[T]], earlier: Sequence[T], fraction: float, seed: int = 0, stage: str = "") -> list[list[T]]:
+    """Add round(`fraction` x batch size) questions of earlier stages to every batch of a stage (against
+    forgetting: without it the tiny default, trained last on planning, answers every question with a route).
+
+    The earlier questions come in a seeded shuffled order, cycling, so each comes back about equally often;
+    the stage's own questions are all kept (one pass, as before). `fraction` 0 or no earlier stage: unchanged.
+    Not in the paper, and off by default (`--replay`): on the tiny default, 0.25 kept yes/no answers alive
+    after planning (held-out TorF 0% -> 48%) but stalled the counting stage, whose batches then rewarded
+    the replayed yes/no answers (counting 13% -> 0%)."""
+    if not steps or not earlier or fraction <= 0:
+        return steps
+    pool = list(earlier)
+    random.Random(f"{seed}:replay:{stage}").shuffle(pool)
+    out, k = [], 0
+    for batch in steps:
+        n = round(fraction * len(batch))
+        out.append(list(batch) + [pool[(k + j) % len(pool)] for j in range(n)])
+        k += n
+    return out

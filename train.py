@@ -84,6 +84,7 @@ class TrainConfig:
     entropy_coef: float = _f(0.0, "weight of an entropy bonus in the loss (released code: 1e-3)")
     kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
     drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
+    replay: float = _f(0.0, "share of each batch added from earlier stages' questions, against forgetting (0: none)")
     decode_chunk: int = _f(0, "prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)")
     max_steps_per_stage: int = _f(0, "cap on GRPO steps per stage (0: one pass over the stage's data)")
     # model
@@ -164,7 +165,7 @@ def check_config(cfg: TrainConfig) -> None:
     for name, ok, rule in (("kl_coef", cfg.kl_coef >= 0, ">= 0"), ("clip_eps", cfg.clip_eps > 0, "> 0"),
                            ("temperature", cfg.temperature >= 0, ">= 0"), ("top_p", 0 < cfg.top_p <= 1, "in (0, 1]"),
                            ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0"),
-                           ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0"),
+                           ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0"),
                            ("max_new_tokens", cfg.max_new_tokens >= 0, ">= 0"), ("decode_chunk", cfg.decode_chunk >= 0, ">= 0"),
                            ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0")):
         if not ok:
@@ -344,6 +345,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
+    earlier = {name: [s for _, part in stages[:k] for s in part] for k, (name, _) in enumerate(stages)}
     if cfg.stage != "all":
         stages = [(name, part) for name, part in stages if name == cfg.stage]
     dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master"
@@ -378,6 +380,7 @@ def train(cfg: TrainConfig) -> dict:
             continue
         steps = curriculum.batches(stage_samples, cfg.batch_size, cfg.max_steps_per_stage or None, seed=cfg.seed,
                                    group=curriculum.group_of(cfg.curriculum, name), drop_last=cfg.drop_last)
+        steps = curriculum.with_replay(steps, earlier[name], cfg.replay, cfg.seed, name)
         if not steps:
             print(f"stage {name}: no training samples in this dataset, skipped")
             continue

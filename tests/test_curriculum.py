@@ -152,3 +152,18 @@ def test_fine_sub_order_holds_in_every_pass(stage_size, batch_size, max_steps):
                 assert _runs([s.qtype for s in p]) > 4, (name, k)  # still mixed, not torf1 then torf2
         ids = [[s.id for s in p] for p in passes if len(p) == len(stage)]
         assert len({tuple(x) for x in ids}) == len(ids), name  # each pass reshuffled
+
+
+def test_replay_adds_earlier_questions_to_every_batch():
+    from curriculum import with_replay
+
+    now = [SimpleNamespace(qtype="planning", i=i) for i in range(10)]
+    earlier = [SimpleNamespace(qtype="torf1", i=100 + i) for i in range(3)]
+    steps = batches(now, 4)  # 4, 4, 2
+    mixed = with_replay(steps, earlier, 0.5, seed=0, stage="planning")
+    assert [len(b) for b in mixed] == [6, 6, 3]  # round(0.5 x 4) = 2, round(0.5 x 2) = 1 added per batch
+    assert [b[: len(s)] for b, s in zip(mixed, steps)] == steps  # the stage's own questions all kept, in order
+    added = Counter(q.i for b, s in zip(mixed, steps) for q in b[len(s):])
+    assert set(added) == {100, 101, 102} and sorted(added.values()) == [1, 2, 2]  # cycling: about equally often
+    assert with_replay(steps, earlier, 0.0) == steps and with_replay(steps, [], 0.5) == steps
+    assert with_replay(steps, earlier, 0.5, seed=0, stage="planning") == mixed  # seeded
