@@ -95,9 +95,11 @@ def metrics_for(samples: list, responses: list[str], long: bool = False) -> dict
     if plan:
         summary["planning"] = planning_scores(*map(list, zip(*plan)), long=long)
         summary["ours"]["planning"] = planning_scores(*map(list, zip(*plan)), long=long, official=False)
-    per_type: dict[str, list[float]] = {}
-    for s, r in zip(samples, responses):
-        per_type.setdefault(s.qtype, []).append(float(official_correct(s, r, long)))
+    per_type: dict[str, list[float]] = {}  # the official verdicts computed above, not computed again
+    verdicts = [(s, ok) for part, key in ((plus, "plus"), (plan, "planning")) if part
+                for (s, _), ok in zip(part, summary[key]["correct"])]
+    for s, ok in verdicts:
+        per_type.setdefault(s.qtype, []).append(float(ok))
     summary["per_type_accuracy"] = {q: sum(v) / len(v) for q, v in sorted(per_type.items())}
     return summary
 
