@@ -27,6 +27,7 @@ from tqdm import tqdm
 import cli
 import data
 import grpo
+from distributed import even_share, gather, world
 import model as models
 import rewards
 from metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
@@ -46,8 +47,11 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
         return (planning_max_new_tokens or max_new_tokens) if s.qtype == "planning" else max_new_tokens
 
     order = sorted(range(len(samples)), key=lambda i: (budget(samples[i]), len(samples[i].question)))
+    if world() > 1:  # [multi-GPU] each rank answers an equal share of each kind (padded with repeats), gathered below
+        order = [i for b in sorted({budget(s) for s in samples})
+                 for i in even_share([j for j in order if budget(samples[j]) == b])]
     out, truncated = [""] * len(samples), [False] * len(samples)
-    bar = tqdm(total=len(samples), desc="eval", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(order), desc="eval", disable=not progress, dynamic_ncols=True)
     start = 0
     while start < len(order):
         tokens = budget(samples[order[start]])
@@ -59,6 +63,10 @@ def generate(policy, samples: list, max_new_tokens: int, batch_size: int = 16, p
         bar.update(len(idx))
         start += len(idx)
     bar.close()
+    if world() > 1:
+        for answered in gather({i: (out[i], truncated[i]) for i in order}):
+            for i, (text, cut) in answered.items():
+                out[i], truncated[i] = text, cut
     return out, truncated
 
 

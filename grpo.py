@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from distributed import all_min, all_sum, everyone, gather, world
 from model import Policy, encode_prompts, forward_logits, join_prompt_response, kv_cache, shared_prompt_logprobs
 
 
@@ -222,7 +223,7 @@ def auto_decode_chunk(policy: Policy, seq_len: int, group_size: int, prompts: in
     per_prompt = (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * seq_len * group_size
                   * torch.finfo(getattr(policy.model, "autocast_dtype", None) or policy.model.dtype).bits // 8)
     free, _ = torch.cuda.mem_get_info(policy.device)
-    return max(1, min(prompts, int(budget * free // per_prompt)))
+    return int(all_min(max(1, min(prompts, int(budget * free // per_prompt)))))  # [multi-GPU] same chunks on every rank
 
 
 def _decode(policy: Policy, prompts: dict, rows: Tensor, G: int, max_new_tokens: int, temperature: float,
@@ -264,8 +265,9 @@ def _decode(policy: Policy, prompts: dict, rows: Tensor, G: int, max_new_tokens:
         mask[:, t] = (~done).float()
         logps[:, t] = torch.where(done, 0.0, logits.gather(-1, nxt[:, None]).squeeze(-1) - lse)
         done |= nxt == policy.eos_id
-        # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token)
-        if (t + 1) % check_every == 0 and bool(done.all()):
+        # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token);
+        # [multi-GPU] under FSDP every rank runs each forward, so a rank stops only when every rank is done
+        if (t + 1) % check_every == 0 and everyone(bool(done.all())):
             break
     steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # [speed] trim steps after the last end
     return dict(tokens=tokens[:, :steps], logprobs=logps[:, :steps], mask=mask[:, :steps],
@@ -342,10 +344,9 @@ def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Te
 def loss_denominator(rollout: "Rollout", cfg: GRPOConfig) -> float:
     """The whole batch's normaliser (docs/rewardmap.md §4.2): its response-token count ("token") or
     response count ("sequence"). Every micro-batch divides by it, so the summed gradients are exactly
-    those of one pass over the whole batch."""
-    if cfg.aggregation == "token":
-        return float(rollout.response_mask.sum(1).cpu().sum().clamp(min=1))
-    return float(rollout.response_ids.shape[0])
+    those of one pass over the whole batch. [multi-GPU] Summed over the ranks: the whole step's batch."""
+    count = float(rollout.response_mask.sum()) if cfg.aggregation == "token" else float(rollout.response_ids.shape[0])
+    return max(all_sum(count)[0], 1.0)
 
 
 @dataclass
@@ -367,12 +368,13 @@ def micro_batches(rollout: "Rollout", advantages: Tensor, cfg: GRPOConfig) -> li
     `shared_prompt_logprobs` then computes once (a micro_batch_size that is a multiple of G keeps every
     group in one micro-batch); sorting groups by their longest response cuts padding.
     [speed] Without a KL term, rows with zero advantage have exactly zero gradient and are left out
-    (the loss normaliser still counts them, so the update is unchanged).
+    (the loss normaliser still counts them, so the update is unchanged). [multi-GPU] Not with several ranks:
+    under FSDP each rank must run as many forwards as the others.
     """
     G, lengths = cfg.group_size, rollout.response_mask.sum(1).cpu()
     longest_first = torch.argsort(lengths.view(-1, G).max(1).values, descending=True, stable=True)
     order = (longest_first[:, None] * G + torch.arange(G)).flatten()
-    if cfg.kl_coef == 0:
+    if cfg.kl_coef == 0 and world() == 1:
         order = order[advantages.cpu()[order] != 0]
     out = []
     for start in range(0, len(order), cfg.micro_batch_size):
@@ -404,7 +406,7 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
     skipped_nonfinite, rows_updated). [safety] A non-finite loss or gradient skips that optimizer step:
     gradients dropped, weights and optimizer state untouched, counted in `skipped_nonfinite`."""
     sums, n_seen, grad_norms, skipped = {}, 0.0, [], 0
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # (FSDP: the shards, not gathered copies)
     model.train()
     for epoch in range(cfg.ppo_epochs):
         optimizer.zero_grad(set_to_none=True)
@@ -429,32 +431,39 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
             for p in params:
                 p.grad = torch.zeros_like(p)
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm) if params else torch.tensor(0.0)
-        grad_norms.append(float(norm))
-        if finite and math.isfinite(grad_norms[-1]):
+        grad_norms.append(float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm))  # sharded: a DTensor
+        if everyone(finite) and math.isfinite(grad_norms[-1]):  # [multi-GPU] all ranks step, or none
             optimizer.step()
         else:  # [safety] never train on NaN/inf
             skipped += 1
         optimizer.zero_grad(set_to_none=True)
-    out = {k: sums.get(k, 0.0) / n_seen if n_seen else 0.0 for k in ("loss/policy", "kl", "clip_frac", "approx_kl")}
-    out["loss"] = sums.get("loss", 0.0) / max(cfg.ppo_epochs, 1)
+    keys = ("loss/policy", "kl", "clip_frac", "approx_kl", "loss")
+    *totals, n_seen, rows = all_sum(*(sums.get(k, 0.0) for k in keys), n_seen, sum(len(mb.rows) for mb in batches))
+    sums = dict(zip(keys, totals))  # [multi-GPU] over the whole batch (each rank's loss is its share of the total)
+    out = {k: sums[k] / n_seen if n_seen else 0.0 for k in keys[:4]}
+    out["loss"] = sums["loss"] / max(cfg.ppo_epochs, 1)
     out["grad_norm"] = sum(grad_norms) / len(grad_norms) if grad_norms else 0.0
     out["skipped_nonfinite"] = float(skipped)
-    out["rows_updated"] = float(sum(len(mb.rows) for mb in batches))
+    out["rows_updated"] = rows
     return out
 
 
 def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[str, float], times: dict[str, float],
                  group_size: int) -> dict[str, float]:
-    """Everything in `METRICS`, in its order, from the step's rewards, rollout, update and timings."""
-    lengths, n_rows = rollout.response_mask.sum(1).cpu(), len(rollout.texts)
-    total = rewards["total"]
+    """Everything in `METRICS`, in its order, from the step's rewards, rollout, update and timings (the timings
+    are this rank's; everything else is over the whole batch, gathered from every rank in rank order)."""
+    every = lambda t: torch.cat(gather(t.detach().cpu()))  # noqa: E731
+    rewards = {k: every(v) for k, v in rewards.items()}
+    lengths, finished = every(rollout.response_mask.sum(1)), every(rollout.finished)
+    entropy_sum = all_sum(float((rollout.entropy * rollout.response_mask).sum()))[0]
+    total, n_rows = rewards["total"], len(lengths)
     m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
     m["reward/accuracy"] = float((rewards["correctness"] > 0).float().mean())
     m["reward/std"] = float(total.std()) if n_rows > 1 else 0.0
     m["groups/zero_std_frac"] = float((total.view(-1, group_size).std(1, unbiased=False) == 0).float().mean())
-    m["entropy"] = float((rollout.entropy * rollout.response_mask).sum()) / float(lengths.sum().clamp(min=1))
+    m["entropy"] = entropy_sum / float(lengths.sum().clamp(min=1))
     m.update(response_len=float(lengths.mean()), **{"tokens/completion": float(lengths.sum())},
-             response_truncated_frac=float((~rollout.finished).float().mean()))
+             response_truncated_frac=float((~finished).float().mean()))
     m.update(update)
     m.update(times)
     return {k: m[k] for k in METRICS}

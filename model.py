@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from distributed import fsdp_entry
 from precision import autocast
 
 TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of the cache key)
@@ -322,18 +323,19 @@ def reference_model(policy: Policy) -> nn.Module:
 
 
 def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None = None,
-                budgets: tuple[int, int] | None = None) -> None:
+                budgets: tuple[int, int] | None = None, state_dict: dict | None = None) -> None:
     """HF `save_pretrained` (safetensors) + tokenizer + image processor: loadable by `load_policy` and by
     plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`).
     `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them.
-    `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`."""
+    `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`.
+    `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    state = None
+    state = state_dict
     if dtype is not None and any(p.dtype != dtype for p in policy.model.parameters()):
         state = {k: v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v
-                 for k, v in policy.model.state_dict().items()}
+                 for k, v in (state_dict or policy.model.state_dict()).items()}
     policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     if budgets is not None:
         (Path(out_dir) / BUDGETS_FILE).write_text(json.dumps(
@@ -461,6 +463,7 @@ def embed_inputs(model: nn.Module, batch: dict) -> Tensor:
     return embeds.masked_scatter(slots, image_embeds)
 
 
+@fsdp_entry
 def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = False, logits_to_keep: int = 0):
     """One forward pass with explicit positions (no hidden rope_deltas state); returns the model output
     (`.logits`, and the KV cache when `use_cache` or a `cache` is given)."""
@@ -470,6 +473,7 @@ def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
                      logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
 
 
+@fsdp_entry
 def forward_hidden(model: nn.Module, batch: dict, cache=None, use_cache: bool = False):
     """`forward_logits` without the LM head: the decoder's output (`.last_hidden_state`, and the KV cache when
     `use_cache` or a `cache` is given), for `head_logprobs` to turn into log-probs a chunk at a time."""
@@ -545,6 +549,7 @@ def _rows_per_chunk(vocab: int, chunk: int | None) -> int:
     return chunk or max(1, (1 << 26) // vocab)
 
 
+@fsdp_entry
 def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None, with_entropy: bool = False):
     """Per-token log-probs [N, T] (float32) of the last `batch["response_len"]` tokens of each row (and, with
     `with_entropy`, the policy's entropy [N, T] there, differentiable: the pair (logp, entropy)).
@@ -564,6 +569,7 @@ def _checkpointing_drops_cache(model: nn.Module) -> bool:
         getattr(m, "gradient_checkpointing", False) for m in model.modules())
 
 
+@fsdp_entry
 def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor, response_ids: Tensor,
                            response_mask: Tensor, chunk: int | None = None, with_entropy: bool = False):
     """`response_logprobs(model, join_prompt_response(...))`, computing each distinct prompt only once.

@@ -31,6 +31,7 @@ from tqdm import tqdm
 import cli
 import curriculum
 import data
+import distributed
 import eval as evaluation
 import grpo
 import model as models
@@ -170,6 +171,13 @@ def check_config(cfg: TrainConfig) -> None:
                            ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count (distributed.py)
+    if cfg.batch_size % ranks:
+        raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {ranks} torchrun processes: "
+                         "each takes an equal share of every step's prompts")
+    if ranks > 1 and (cfg.eight_bit_adam or cfg.bf16_update == "stochastic"):
+        raise ValueError("with several processes the weights are sharded float32 masters (FSDP2): use --bf16-update "
+                         "master without --eight-bit-adam (those two are the one-GPU schemes)")
     if cfg.group_size < 2:
         raise ValueError("--group-size must be >= 2: GRPO's advantage compares responses within a group")
 
@@ -231,16 +239,28 @@ def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, po
                     cfg: TrainConfig) -> Path:
     """Write checkpoints/step-N (HF model + trainer state) to a temporary name, rename it into place,
     then atomically repoint checkpoints/latest; a kill at any moment leaves the previous one usable.
-    Afterwards only the newest --keep-checkpoints step folders remain (never the one `latest` names)."""
+    Afterwards only the newest --keep-checkpoints step folders remain (never the one `latest` names).
+    [multi-GPU] Every rank writes its shards of the weights and optimizer state (`sharded/`, torch.distributed.
+    checkpoint) instead of the HF model; rank 0 writes the rest, with every rank's RNG states."""
     root = out / "checkpoints"
     final = root / f"step-{position['global_step']:06d}"
     tmp = root / f".tmp-{final.name}"
-    for stale in root.glob(".tmp-step-*"):  # a save cut short by a kill (at 7B, ~100 GB each)
-        shutil.rmtree(stale, ignore_errors=True)
-    models.save_policy(policy, tmp, budgets=budgets(cfg))
-    torch.save({"optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                "torch_rng": torch.get_rng_state(), "python_rng": random.getstate(), "position": position,
-                "config": dataclasses.asdict(cfg)},
+    rngs = distributed.gather({"generator": generator.get_state(), "torch_rng": torch.get_rng_state(),
+                               "python_rng": random.getstate()})
+    if distributed.is_main():
+        for stale in root.glob(".tmp-step-*"):  # a save cut short by a kill (at 7B, ~100 GB each)
+            shutil.rmtree(stale, ignore_errors=True)
+    distributed.barrier()
+    if distributed.world() > 1:
+        distributed.save_sharded(tmp / "sharded", policy.model, optimizer)
+        distributed.barrier()
+    else:
+        models.save_policy(policy, tmp, budgets=budgets(cfg))
+    if not distributed.is_main():
+        distributed.barrier()  # until rank 0 has renamed the folder into place
+        return final
+    torch.save({"optimizer": optimizer.state_dict() if distributed.world() == 1 else None, "rngs": rngs,
+                "world_size": distributed.world(), "position": position, "config": dataclasses.asdict(cfg)},
                tmp / "trainer_state.pt")
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -256,6 +276,7 @@ def save_checkpoint(out: Path, policy, optimizer, generator: torch.Generator, po
     for old in older:
         if old not in keep and old != current:
             shutil.rmtree(old, ignore_errors=True)
+    distributed.barrier()
     return final
 
 
@@ -323,7 +344,10 @@ def held_out(test: list, qtypes: set[str], n: int, seed: int) -> list:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the curriculum; returns {stage: end-of-stage eval summary}."""
+    """Run the curriculum; returns {stage: end-of-stage eval summary}. Under torchrun, every rank runs this
+    (distributed.py): each takes its share of every batch; rank 0 alone writes files and prints."""
+    distributed.setup()
+    main = distributed.is_main()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
@@ -335,40 +359,60 @@ def train(cfg: TrainConfig) -> dict:
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False) if ckpt is not None else None
     if state is not None:
         check_resume_config(cfg, state.get("config", {}), ckpt)
-    if not cfg.resume and metrics_path.exists():
+        if state.get("world_size", 1) != distributed.world():
+            raise ValueError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} processes; resume it "
+                             f"with as many (now {distributed.world()})")
+    if main and not cfg.resume and metrics_path.exists():
         print(f"warning: {out} holds an earlier run; starting over (its metrics.jsonl and checkpoints are replaced)")
         metrics_path.unlink()
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-    (out / "config.json").write_text(cli.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if main:
+        (out / "config.json").write_text(cli.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
+    with distributed.main_first():  # rank 0 fills the cache (synthetic maps, tiny model); the others read it
+        train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
+        dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master"
+        policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
+                                   cfg.gradient_checkpointing, dtype, master)
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     earlier = {name: [s for _, part in stages[:k] for s in part] for k, (name, _) in enumerate(stages)}
     if cfg.stage != "all":
         stages = [(name, part) for name, part in stages if name == cfg.stage]
-    dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master"
-    policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
-                               cfg.gradient_checkpointing, dtype, master)
     reference = models.reference_model(policy) if cfg.kl_coef > 0 else None  # the initial policy, frozen
-    generator = torch.Generator(device=policy.device).manual_seed(cfg.seed)
+    generator = torch.Generator(device=policy.device).manual_seed(distributed.rank_seed(cfg.seed))
     position = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
-    if ckpt is not None:
+    if distributed.world() > 1:  # [multi-GPU] 1/N of each model per rank; bf16 compute over float32 master weights
+        distributed.shard(policy.model, getattr(policy.model, "autocast_dtype", None))
+        if reference is not None:
+            distributed.shard(reference)
+    if ckpt is not None and distributed.world() > 1:
+        rng = state["rngs"][distributed.rank()]
+        generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_rng"])
+        random.setstate(rng["python_rng"])
+        position = state["position"]
+    elif ckpt is not None:
         device, pixels = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
         del policy  # the reference keeps the initial weights; never hold three models at once
         policy = models.load_policy(str(ckpt), device=device, dtype=dtype, master_weights=master,
                                     gradient_checkpointing=cfg.gradient_checkpointing, **pixels)
-        generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
+        rng = state["rngs"][0]
+        generator.set_state(rng["generator"])
+        torch.set_rng_state(rng["torch_rng"])
+        random.setstate(rng["python_rng"])
         position = state["position"]
-        truncate_metrics(metrics_path, position["global_step"])
-        print(f"resumed from {ckpt} at stage {position['stage_index']} step {position['step_in_stage']}")
     optimizer = precision.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
                                          stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
     if ckpt is not None:
-        optimizer.load_state_dict(state.pop("optimizer"))  # and the host copy goes once loaded
+        if distributed.world() > 1:
+            distributed.load_sharded(ckpt / "sharded", policy.model, optimizer)
+        else:
+            optimizer.load_state_dict(state.pop("optimizer"))  # and the host copy goes once loaded
+        if main:
+            truncate_metrics(metrics_path, position["global_step"])
+            print(f"resumed from {ckpt} at stage {position['stage_index']} step {position['step_in_stage']}")
 
     reward_cfg = reward_config(cfg)
     score = lambda sample, response: rewards.reward(sample, response, reward_cfg)
@@ -381,24 +425,30 @@ def train(cfg: TrainConfig) -> dict:
         steps = curriculum.batches(stage_samples, cfg.batch_size, cfg.max_steps_per_stage or None, seed=cfg.seed,
                                    group=curriculum.group_of(cfg.curriculum, name), drop_last=cfg.drop_last)
         steps = curriculum.with_replay(steps, earlier[name], cfg.replay, cfg.seed, name)
+        steps, left_out = distributed.trim_batches(steps)  # [multi-GPU] equal shares; one process: unchanged
+        if left_out and main:
+            print(f"stage {name}: {left_out} prompts of its last batch left out (not divisible by {distributed.world()} ranks)")
         if not steps:
             print(f"stage {name}: no training samples in this dataset, skipped")
             continue
         gcfg = grpo_config(cfg, name)
         probe = held_out(test_samples, curriculum.stage_qtypes(cfg.curriculum, name), cfg.eval_samples, cfg.seed)
         first = position["step_in_stage"] if stage_index == position["stage_index"] else 0
-        bar = tqdm(total=len(steps), initial=first, desc=f"stage {stage_index + 1}/{len(stages)} {name}", dynamic_ncols=True)
+        bar = tqdm(total=len(steps), initial=first, desc=f"stage {stage_index + 1}/{len(stages)} {name}", dynamic_ncols=True,
+                   disable=not main)
         for step in range(first, len(steps)):
-            metrics, responses = grpo.grpo_step(policy, reference, optimizer, steps[step], score, gcfg, generator=generator)
+            mine = distributed.my_share(steps[step])  # [multi-GPU] this rank's prompts; one process: all
+            metrics, responses = grpo.grpo_step(policy, reference, optimizer, mine, score, gcfg, generator=generator)
             position = {"stage_index": stage_index, "step_in_stage": step + 1, "global_step": position["global_step"] + 1}
             row = {"stage": name, "step": step, "global_step": position["global_step"], **metrics,
                    "wall_time": round(time.time() - t0, 3), "example": responses[0][:200] if responses else ""}
-            with open(metrics_path, "a") as f:
-                f.write(cli.dumps(row) + "\n")
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(cli.dumps(row) + "\n")
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}", kl=f"{metrics['kl']:.4f}")
             bar.update(1)
             nonfinite_run = nonfinite_run + 1 if metrics.get("skipped_nonfinite") else 0
-            if nonfinite_run:
+            if nonfinite_run and main:
                 tqdm.write(f"warning: step {position['global_step']}: non-finite loss or gradient, update skipped ({nonfinite_run} in a row)")
             if nonfinite_run >= cfg.max_nonfinite:
                 save_checkpoint(out, policy, optimizer, generator, position, cfg)
@@ -406,19 +456,26 @@ def train(cfg: TrainConfig) -> dict:
                                  f"lower --lr or raise --max-grad-norm and --resume from {out}")
             if cfg.eval_every and position["global_step"] % cfg.eval_every == 0 and probe:
                 quick = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg), progress=False)
-                tqdm.write(f"step {position['global_step']} eval: {evaluation.one_line(quick)}")
+                if main:
+                    tqdm.write(f"step {position['global_step']} eval: {evaluation.one_line(quick)}")
             if cfg.save_every and position["global_step"] % cfg.save_every == 0 and step + 1 < len(steps):
                 save_checkpoint(out, policy, optimizer, generator, position, cfg)
         bar.close()
-        plot_curves(metrics_path, out / "curves.png")
+        if main:
+            plot_curves(metrics_path, out / "curves.png")
         if probe:  # before the end-of-stage checkpoint, so a kill during it replays the stage's end
-            summary = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg))
-            (out / f"eval_{name}.json").write_text(cli.dumps(summary, indent=2) + "\n")
+            summary = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg), progress=main)
             summaries[name] = summary
-            print(f"end of stage {name}: {evaluation.one_line(summary)}")
+            if main:
+                (out / f"eval_{name}.json").write_text(cli.dumps(summary, indent=2) + "\n")
+                print(f"end of stage {name}: {evaluation.one_line(summary)}")
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
         save_checkpoint(out, policy, optimizer, generator, position, cfg)
-    models.save_policy(policy, out / "model", dtype=dtype, budgets=budgets(cfg))  # checkpoints keep the training precision
+    weights = distributed.full_state_dict(policy.model) if distributed.world() > 1 else None  # every rank sends its shards
+    if not main:
+        return summaries
+    # checkpoints keep the training precision; the exported model/ has the compute dtype
+    models.save_policy(policy, out / "model", dtype=dtype, budgets=budgets(cfg), state_dict=weights)
     if metrics_path.exists() and not (out / "curves.png").exists():  # each stage's end already drew the curves
         plot_curves(metrics_path, out / "curves.png")
     print(f"done in {time.time() - t0:.0f} s: model in {out / 'model'}, metrics in {metrics_path}, curves in {out / 'curves.png'}")
