@@ -16,9 +16,7 @@ Everything the GRPO loop needs from a model lives here:
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
-import inspect
 import json
 import os
 import shutil
@@ -234,10 +232,7 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
     if master:
         model.autocast_dtype = dtype  # read by forward_logits (precision.autocast)
     if gradient_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
     image_processor = None
     if is_vlm:
@@ -430,13 +425,6 @@ def join_prompt_response(prompts: dict, prompt_index: Tensor, response_ids: Tens
 
 # ----------------------------------------------------------------------------- forward + log-probs
 
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(model_class: type) -> str:
-    """The forward's KV-cache argument: `cache` in newer transformers, `past_key_values` before (looked up
-    once per model class, not on every decode step)."""
-    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
-
-
 def kv_cache(output):
     """The KV cache a forward returned (`output.cache`, or `output.past_key_values` in older transformers)."""
     return output.cache if hasattr(output, "cache") else output.past_key_values
@@ -470,7 +458,7 @@ def forward_logits(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
     with autocast(model):  # bf16 compute over float32 master weights, when the model keeps them
         return model(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
                      position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
-                     logits_to_keep=logits_to_keep, **{_cache_kwarg(type(model)): cache})
+                     logits_to_keep=logits_to_keep, cache=cache)
 
 
 @fsdp_entry
@@ -481,7 +469,7 @@ def forward_hidden(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
     with autocast(model):
         return decoder(inputs_embeds=embed_inputs(model, batch), attention_mask=batch["attention_mask"],
                        position_ids=batch["position_ids"], use_cache=use_cache or cache is not None,
-                       **{_cache_kwarg(type(decoder)): cache})
+                       cache=cache)
 
 
 class _HeadLogProbs(torch.autograd.Function):
