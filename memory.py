@@ -12,8 +12,10 @@
             drops the prompt cache, so shared_prompt_logprobs falls back to prompt + response): the per-layer
             boundary hidden states [rows, T, hidden] x layers, one layer's recomputed activations, the fused
             head's float32 chunk of logits (x3 in backward) and its float32 [vocab, hidden] weight-gradient;
-  optimizer torch's foreach AdamW (CUDA) makes one float32 copy of the second moments (sqrt); 8-bit: none;
-            AdamWSR / single-tensor AdamW: per-tensor float32 temporaries of the largest tensor.
+  optimizer torch's foreach AdamW (CUDA) makes one float32 copy of the second moments (sqrt); bitsandbytes
+            8-bit: none; single-tensor AdamW: one float32 denominator of the largest tensor; AdamWSR (the
+            `stochastic` scheme): the temporaries of one slice of precision.SLICE elements (it updates each
+            tensor a slice at a time), ~20 bytes per element, ~32 with 8-bit moments (`ADAMWSR_SLICE_BYTES`).
 Assumptions: flash / memory-efficient attention (no [T, T] scores); the residual stream has the weights'
 dtype (float32 under the `master` scheme's autocast), matmul outputs the compute dtype (bf16, float32
 for the 'float32' scheme), RMSNorm upcasts to float32; KV cache in the compute dtype (under autocast
@@ -37,6 +39,12 @@ import precision
 GiB = 2**30
 USABLE_GIB = 78.0  # of an 80 GB GPU
 PAPER = dict(prompts=16, group_size=8, prompt_len=1300, response_len=2048, micro_batch=8)
+# Bytes per slice element of AdamWSR's step temporaries at their peak. float32 moments: the float32 gradient,
+# sqrt(v), the new weight, the rounding noise and the rounded bits (4 each). 8-bit moments, while sqrt(v) is
+# re-quantized: the gradient, m, v, sqrt(v) (4 each) + quantize_blockwise's padded copy, scaled values and
+# int32 indices (4 each) and the uint8 codes (1 each, this one's and m's): 30. Measured on CPU (peak RSS of a
+# step on a 50 M-element bf16 tensor, slices of 2^24, 4 runs each): 20.0, and 28.1-31.9 bytes per slice element.
+ADAMWSR_SLICE_BYTES = {False: 20, True: 32}
 
 
 def lm_params(s: dict) -> int:
@@ -108,10 +116,10 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
     head = 3 * _head_chunk_bytes(s, mb * response_len) + 4 * s["vocab"] * s["hidden"] + mb * response_len * s["hidden"] * (r + c)
     out["logprob"] = boundaries + layers * _layer_grad_bytes(s, tokens, c, r) + head
     largest = s["vocab"] * s["hidden"]
-    if eight_bit:
-        out["optimizer_step"] = 0
-    elif scheme == "stochastic":
-        out["optimizer_step"] = 6 * 4 * largest  # AdamWSR: per-tensor float32 temporaries
+    if scheme == "stochastic":  # AdamWSR, a slice at a time
+        out["optimizer_step"] = ADAMWSR_SLICE_BYTES[eight_bit] * min(precision.SLICE, largest)
+    elif eight_bit:
+        out["optimizer_step"] = 0  # bitsandbytes' fused kernel
     elif not foreach:
         out["optimizer_step"] = largest * b["moments"] // 2  # single-tensor AdamW: one denominator
     else:
@@ -131,23 +139,34 @@ def auto_chunk(shape: dict, scheme: str, eight_bit: bool, gpus: int, usable_gib:
     return max(1, min(math.ceil(batch["prompts"] / gpus), int(0.5 * free // per_prompt)))
 
 
-SCHEMES = (("master", False), ("master+8bit", True), ("stochastic", False))
+SCHEMES = (("master", False), ("master+8bit", True), ("stochastic", False), ("stochastic+8bit", True))
+# Settings that depart from PAPER to make a row fit, each printed as an extra row under the paper-preset one.
+# 7B, bf16 weights + stochastic rounding + 8-bit moments (train.py --bf16-update stochastic --eight-bit-adam),
+# one GPU: the states take 62.0 GiB, and the log-prob pass of a micro-batch of 8 full-length responses
+# (17.4 GiB) would bring the peak to 79.4 GiB, over the 78 usable; a micro-batch of 4 (10.1 GiB) gives 72.1,
+# 5.9 GiB for what the plan leaves out (vision encoder activations, allocator fragmentation). The update is
+# the same: the micro-batches accumulate gradients with an exact normaliser (grpo.ppo_loss's `denom`).
+RECOMMENDED = {("7b", "stochastic+8bit", 1): dict(micro_batch=4)}
 
 
 def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABLE_GIB) -> list[dict]:
-    """Rows (arch, scheme, gpus, peak GiB, fits, parts) at the paper preset."""
+    """Rows (arch, scheme, gpus, micro_batch, peak GiB, fits, parts) at the paper preset, plus a row for
+    each RECOMMENDED departure from it (`recommended`: True)."""
     rows = []
     for arch in archs:
         s = shape_of(arch)
         for name, eight in SCHEMES:
             scheme = name.split("+")[0]
             for g in gpu_counts:
-                chunk = auto_chunk(s, scheme, eight, g, usable_gib, **PAPER)
-                p = plan(s, scheme, eight, g, decode_chunk=chunk, **PAPER)
-                rows.append(dict(arch=arch, scheme=name, gpus=g, peak_gib=round(p["peak"] / GiB, 1),
-                                 fits=p["peak"] <= usable_gib * GiB, implemented=g == 1,
-                                 parts_gib={k: round(v / GiB, 2) for k, v in p.items() if k not in ("peak", "decode_chunk")},
-                                 decode_chunk=p["decode_chunk"]))
+                extra = RECOMMENDED.get((arch, name, g))
+                for batch in [PAPER] + ([{**PAPER, **extra}] if extra else []):
+                    chunk = auto_chunk(s, scheme, eight, g, usable_gib, **batch)
+                    p = plan(s, scheme, eight, g, decode_chunk=chunk, **batch)
+                    rows.append(dict(arch=arch, scheme=name, gpus=g, micro_batch=batch["micro_batch"],
+                                     recommended=batch is not PAPER, peak_gib=round(p["peak"] / GiB, 1),
+                                     fits=p["peak"] <= usable_gib * GiB, implemented=g == 1,
+                                     parts_gib={k: round(v / GiB, 2) for k, v in p.items() if k not in ("peak", "decode_chunk")},
+                                     decode_chunk=p["decode_chunk"]))
     return rows
 
 
@@ -155,14 +174,15 @@ def print_table(rows: list[dict]) -> None:
     """Human table, then one JSON line with every row."""
     print(f"Peak GPU memory per GPU of one GRPO step, paper preset ({PAPER}), gradient checkpointing, "
           f"{USABLE_GIB:.0f} GiB usable. gpus > 1 assumes sharded weights/grads/optimizer/reference "
-          "(NOT implemented in this project yet).")
-    print(f"{'model':6} {'scheme':12} {'gpus':>4} {'static':>7} {'rollout':>8} {'logprob':>8} {'opt.step':>8} "
-          f"{'peak GiB':>9} fits")
+          "(NOT implemented in this project yet). mb: micro-batch (* = RECOMMENDED, not the paper's).")
+    print(f"{'model':6} {'scheme':16} {'gpus':>4} {'mb':>3} {'static':>7} {'rollout':>8} {'logprob':>8} "
+          f"{'opt.step':>8} {'peak GiB':>9} fits")
     for r in rows:
         p = r["parts_gib"]
         static = p["weights"] + p["gradients"] + p["optimizer"] + p["reference"]
-        print(f"{r['arch']:6} {r['scheme']:12} {r['gpus']:>4} {static:7.1f} {p['rollout_kv']:8.1f} {p['logprob']:8.1f} "
-              f"{p['optimizer_step']:8.1f} {r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no'}")
+        mb = f"{r['micro_batch']}{'*' if r['recommended'] else ''}"
+        print(f"{r['arch']:6} {r['scheme']:16} {r['gpus']:>4} {mb:>3} {static:7.1f} {p['rollout_kv']:8.1f} "
+              f"{p['logprob']:8.1f} {p['optimizer_step']:8.1f} {r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no'}")
     print(json.dumps({"memory_plan": rows}))
 
 
