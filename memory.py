@@ -2,7 +2,9 @@
 
 `plan(...)` adds up, in bytes per GPU:
 - static: weights, gradients, AdamW moments, frozen reference (precision.bytes_per_param), divided by
-  `gpus` when sharded (FSDP/ZeRO-3 style; the multi-GPU path is NOT implemented in this project yet);
+  `gpus` when sharded (FSDP2 under torchrun, distributed.py); with gpus > 1 also `gathered`: the root FSDP
+  unit's weights (embedding, LM head, norms) stay gathered in bf16 through a phase, plus two gathered decoder
+  layers (the one computing, the next prefetched);
 - the largest of the phase terms (only one phase runs at a time):
   rollout   the decode chunk's expanded KV cache (2 x layers x kv heads x head dim x (prompt + response)
             x chunk*G rows) + the chunk's unexpanded prefill cache + ~5 float32 [rows, vocab] sampling copies;
@@ -47,13 +49,16 @@ PAPER = dict(prompts=16, group_size=8, prompt_len=1300, response_len=2048, micro
 ADAMWSR_SLICE_BYTES = {False: 20, True: 32}
 
 
-def lm_params(s: dict) -> int:
-    """Parameters of the Qwen2 text decoder + embedding (+ untied LM head) of shape `s`."""
+def _layer_params(s: dict) -> int:
+    """Parameters of one Qwen2 decoder layer of shape `s`."""
     h, kv = s["hidden"], s["kv_heads"] * s["hidden"] // s["heads"]
     attn = h * h + h + 2 * (h * kv + kv) + h * h  # q (bias), k, v (bias), o
-    layer = attn + 3 * h * s["intermediate"] + 2 * h
-    embed = s["vocab"] * h
-    return s["layers"] * layer + h + embed * (1 if s["tied"] else 2)
+    return attn + 3 * h * s["intermediate"] + 2 * h
+
+
+def lm_params(s: dict) -> int:
+    """Parameters of the Qwen2 text decoder + embedding (+ untied LM head) of shape `s`."""
+    return s["layers"] * _layer_params(s) + s["hidden"] + s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
 
 
 def shape_of(arch: str) -> dict:
@@ -115,6 +120,12 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
     layers = 1 if gradient_checkpointing else s["layers"]
     head = 3 * _head_chunk_bytes(s, mb * response_len) + 4 * s["vocab"] * s["hidden"] + mb * response_len * s["hidden"] * (r + c)
     out["logprob"] = boundaries + layers * _layer_grad_bytes(s, tokens, c, r) + head
+    if gpus > 1:  # FSDP2: the gathered root (+ two layers) in bf16; the root's gradient unsharded, then float32 to reduce
+        root = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
+        out["gathered"] = 2 * (root + 2 * _layer_params(s))
+        out["logprob"] += 6 * root
+    else:
+        out["gathered"] = 0
     largest = s["vocab"] * s["hidden"]
     if scheme == "stochastic":  # AdamWSR, a slice at a time
         out["optimizer_step"] = ADAMWSR_SLICE_BYTES[eight_bit] * min(precision.SLICE, largest)
@@ -125,7 +136,7 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
     else:
         out["optimizer_step"] = 4 * P / gpus  # foreach sqrt of the float32 second moments
     phases = ("rollout_kv", "prefill", "reference_pass", "logprob", "optimizer_step")
-    out["peak"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "reference")) + max(out[k] for k in phases)
+    out["peak"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "reference", "gathered")) + max(out[k] for k in phases)
     out["decode_chunk"] = chunk
     return out
 
@@ -164,7 +175,7 @@ def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABL
                     p = plan(s, scheme, eight, g, decode_chunk=chunk, **batch)
                     rows.append(dict(arch=arch, scheme=name, gpus=g, micro_batch=batch["micro_batch"],
                                      recommended=batch is not PAPER, peak_gib=round(p["peak"] / GiB, 1),
-                                     fits=p["peak"] <= usable_gib * GiB, implemented=g == 1,
+                                     fits=p["peak"] <= usable_gib * GiB, implemented=g == 1 or name == "master",
                                      parts_gib={k: round(v / GiB, 2) for k, v in p.items() if k not in ("peak", "decode_chunk")},
                                      decode_chunk=p["decode_chunk"]))
     return rows
@@ -173,16 +184,18 @@ def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABL
 def print_table(rows: list[dict]) -> None:
     """Human table, then one JSON line with every row."""
     print(f"Peak GPU memory per GPU of one GRPO step, paper preset ({PAPER}), gradient checkpointing, "
-          f"{USABLE_GIB:.0f} GiB usable. gpus > 1 assumes sharded weights/grads/optimizer/reference "
-          "(NOT implemented in this project yet). mb: micro-batch (* = RECOMMENDED, not the paper's).")
+          f"{USABLE_GIB:.0f} GiB usable. gpus > 1: weights/grads/optimizer/reference sharded by FSDP2 under "
+          "torchrun (train.py runs that for `master`; impl. no: a plan only). mb: micro-batch (* = RECOMMENDED, "
+          "not the paper's).")
     print(f"{'model':6} {'scheme':16} {'gpus':>4} {'mb':>3} {'static':>7} {'rollout':>8} {'logprob':>8} "
-          f"{'opt.step':>8} {'peak GiB':>9} fits")
+          f"{'opt.step':>8} {'peak GiB':>9} fits impl.")
     for r in rows:
         p = r["parts_gib"]
-        static = p["weights"] + p["gradients"] + p["optimizer"] + p["reference"]
+        static = p["weights"] + p["gradients"] + p["optimizer"] + p["reference"] + p["gathered"]
         mb = f"{r['micro_batch']}{'*' if r['recommended'] else ''}"
         print(f"{r['arch']:6} {r['scheme']:16} {r['gpus']:>4} {mb:>3} {static:7.1f} {p['rollout_kv']:8.1f} "
-              f"{p['logprob']:8.1f} {p['optimizer_step']:8.1f} {r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no'}")
+              f"{p['logprob']:8.1f} {p['optimizer_step']:8.1f} {r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no ':4} "
+              f"{'yes' if r['implemented'] else 'no'}")
     print(json.dumps({"memory_plan": rows}))
 
 
