@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+import lora
 from distributed import fsdp_entry
 from precision import autocast
 from prompts import IMAGE_TOKEN, VIDEO_TOKEN, encode_prompts, join_prompt_response, metro_as_text  # noqa: F401
@@ -128,14 +129,14 @@ def build_tiny_policy(seed: int = 0, corpus: list[str] | None = None, cache_dir:
                       num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None, vision_depth: int = 1,
                       vision_hidden: int = 32, patch_size: int = 14, max_pixels: int = 112 * 112,
                       min_pixels: int = 28 * 28, text_only: bool = False, device: str | None = None,
-                      dtype: torch.dtype = torch.float32, master_weights: bool = False) -> Policy:
+                      dtype: torch.dtype = torch.float32, master_weights: bool = False, qlora: bool = False) -> Policy:
     """The tiny offline policy: built deterministically from `seed`, cached under `cache_dir/<key>`.
 
     `corpus` is extra tokenizer-training text (e.g. the dataset's questions and answers), added to
     `builtin_corpus()`. The cache key hashes every argument that changes the result, so a cache hit
     is the same model a fresh build would give. `text_only=True`: a Qwen2 causal LM instead (no vision).
     Defaults: VLM 64 wide / 256 MLP (~0.24M parameters), text-only 128 wide / 512 MLP (~0.6M).
-    Built in float32; `dtype` and `master_weights` are how it is loaded (as in `load_policy`).
+    Built in float32; `dtype`, `master_weights` and `qlora` are how it is loaded (as in `load_policy`).
     """
     hidden_size = hidden_size or (128 if text_only else 64)
     intermediate_size = intermediate_size or 4 * hidden_size
@@ -181,7 +182,7 @@ def build_tiny_policy(seed: int = 0, corpus: list[str] | None = None, cache_dir:
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return load_policy(str(path), device=device, dtype=dtype, max_pixels=max_pixels, min_pixels=min_pixels,
-                       master_weights=master_weights)
+                       master_weights=master_weights, qlora=qlora)
 
 
 def make_image_processor(patch_size: int = 14, merge_size: int = 2, max_pixels: int = 112 * 112,
@@ -209,17 +210,29 @@ def default_attn_implementation(device: torch.device, dtype: torch.dtype = torch
 
 def load_policy(name_or_path: str, device: str | torch.device | None = None, dtype: torch.dtype | None = None,
                 gradient_checkpointing: bool = False, attn_implementation: str | None = None,
-                max_pixels: int | None = None, min_pixels: int | None = None, master_weights: bool = False) -> Policy:
-    """Load a Qwen2-VL / Qwen2.5-VL checkpoint, or a text-only causal LM (detected from the config).
+                max_pixels: int | None = None, min_pixels: int | None = None, master_weights: bool = False,
+                qlora: bool = False) -> Policy:
+    """Load a Qwen2-VL / Qwen2.5-VL checkpoint, or a text-only causal LM (detected from the config), or a LoRA
+    adapter folder that `save_policy` wrote (its base, then the adapter: lora.py).
 
     `dtype` is the compute dtype. Defaults: CUDA if available, bf16 there (fp32 on CPU), flash-attention 2
     when `flash_attn` imports (CUDA only), else SDPA. `max_pixels` / `min_pixels` override the checkpoint's
     image processor. `master_weights` with a bf16 `dtype`: the weights are kept in float32 and every
     forward runs under bf16 autocast (precision.py, the `master` scheme), so small updates are not lost.
+    `qlora`: the weights in 4-bit NF4 (bitsandbytes, CUDA only), frozen, for LoRA adapters on top.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
+    adapter = Path(name_or_path) / lora.CONFIG_FILE
+    if adapter.is_file():
+        base = json.loads(adapter.read_text())["base_model_name_or_path"]
+        policy = load_policy(base, device, dtype, gradient_checkpointing, attn_implementation, max_pixels, min_pixels,
+                             master_weights, qlora)
+        lora.load_adapter(policy.model, name_or_path)
+        return policy
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if qlora:
+        lora.check_qlora(device)
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     attn_implementation = attn_implementation or default_attn_implementation(device, dtype)
@@ -227,8 +240,9 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
     is_vlm = getattr(config, "vision_config", None) is not None
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     master = master_weights and dtype != torch.float32
-    model = auto.from_pretrained(name_or_path, dtype=torch.float32 if master else dtype,
-                                 attn_implementation=attn_implementation).to(device)
+    model = auto.from_pretrained(name_or_path, dtype=torch.float32 if master else dtype, attn_implementation=attn_implementation,
+                                 **(lora.qlora_from_pretrained_kwargs(device, dtype) if qlora else {}))
+    model = model if qlora else model.to(device)  # a 4-bit model is placed by from_pretrained
     if master:
         model.autocast_dtype = dtype  # read by forward_logits (precision.autocast)
     if gradient_checkpointing:
@@ -294,13 +308,13 @@ def compute_dtype(name: str = "") -> torch.dtype:
 
 def load_model(name: str, train_samples=(), seed: int = 0, cache_dir: str | Path = ".cache", max_pixels: int = 0,
                gradient_checkpointing: bool = False, dtype: torch.dtype | None = None,
-               master_weights: bool = False) -> Policy:
+               master_weights: bool = False, qlora: bool = False) -> Policy:
     """The policy that train.py trains and eval.py evaluates: `name` "tiny" builds the tiny model (its
     tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`), anything else is a
     checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget;
-    `dtype` (default: `compute_dtype()`) and `master_weights` as in `load_policy`."""
+    `dtype` (default: `compute_dtype()`), `master_weights` and `qlora` as in `load_policy`."""
     size = {"max_pixels": max_pixels} if max_pixels else {}
-    precision = dict(dtype=dtype or compute_dtype(), master_weights=master_weights)
+    precision = dict(dtype=dtype or compute_dtype(), master_weights=master_weights, qlora=qlora)
     if name == "tiny":
         return build_tiny_policy(seed=seed, corpus=tokenizer_corpus(train_samples),
                                  cache_dir=str(Path(cache_dir) / "tiny-model"), **size, **precision)
@@ -323,7 +337,8 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
     plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`).
     `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them.
     `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`.
-    `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered)."""
+    `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered). A model with
+    LoRA adapters saves the adapters alone, in peft's format, naming its base (lora.save_adapter)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -331,7 +346,11 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
     if dtype is not None and any(p.dtype != dtype for p in policy.model.parameters()):
         state = {k: v.detach().to(device="cpu", dtype=dtype) if v.is_floating_point() else v
                  for k, v in (state_dict or policy.model.state_dict()).items()}
-    policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
+    if lora.lora_layers(policy.model):
+        base = policy.model.config.name_or_path
+        lora.save_adapter(policy.model, out_dir, str(Path(base).resolve()) if Path(base).exists() else base)
+    else:
+        policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     if budgets is not None:
         (Path(out_dir) / BUDGETS_FILE).write_text(json.dumps(
             {"max_new_tokens": budgets[0], "planning_max_new_tokens": budgets[1]}) + "\n")
