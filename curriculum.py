@@ -139,3 +139,23 @@ def with_replay(steps: list[list[T]], earlier: Sequence[T], fraction: float, see
         out.append(list(batch) + [pool[(k + j) % len(pool)] for j in range(n)])
         k += n
     return out
+
+
+class PromptStream:
+    """A stage's batches read as one stream of prompts from a cursor. With dynamic sampling (DAPO) a step takes
+    a batch's worth and then draws more, so steps no longer line up with the batches; `position` (prompts
+    consumed so far) is what a checkpoint stores so that a resumed run draws exactly the same prompts."""
+
+    def __init__(self, batches: Sequence[Sequence[T]], position: int = 0):
+        self.prompts = [s for batch in batches for s in batch]
+        self.position = position
+
+    def take(self, n: int) -> list:
+        """The next `n` prompts (fewer at the end of the stream), consumed."""
+        out = self.prompts[self.position : self.position + max(n, 0)]
+        self.position += len(out)
+        return out
+
+    def left(self) -> int:
+        """Prompts not taken yet."""
+        return len(self.prompts) - self.position

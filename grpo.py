@@ -9,9 +9,12 @@ group of G:
     KL_it  = exp(ref - logp) - (ref - logp) - 1   (k3, unbiased and >= 0)          (kl_k3)
 
 averaged over response tokens (`aggregation="token"`) or within each response then over responses
-(`"sequence"`, DeepSeekMath's 1/G sum_i 1/|o_i| sum_t). Read in this order: the three pure functions of
-the math; `sample_groups`, the rollout; `grpo_step`, one step as five named phases
-(rollout -> score -> advantages -> reference log-probs -> update).
+(`"sequence"`, DeepSeekMath's 1/G sum_i 1/|o_i| sum_t), or summed and divided by a constant
+(`"constant"`, Dr. GRPO's max_new_tokens x responses). advantages.py holds `group_advantages` and the other
+estimators (Dr. GRPO, RLOO, REINFORCE++ and its baseline variant; `advantages` picks one).
+Read in this order: the pure functions of the math; `sample_groups`, the rollout; `grpo_step`, one step
+as five named phases (rollout -> score -> advantages -> reference log-probs -> update), with DAPO's
+dynamic sampling (`dynamic_sampling`) as an optional second half of the score phase.
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from advantages import (ESTIMATORS, advantages, dr_grpo_advantages, group_advantages,  # noqa: F401
+                        reinforce_pp_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
 from distributed import all_min, all_sum, everyone, gather, world
 from model import Policy, encode_prompts, forward_logits, join_prompt_response, kv_cache, shared_prompt_logprobs
 
@@ -38,8 +43,12 @@ class GRPOConfig:
     kl_coef: float = 1e-3  # beta, weight of the k3 KL to the reference (paper 1e-3, released 1e-2); 0 skips the reference pass
     ppo_epochs: int = 1  # optimizer steps per rollout batch (1 = on-policy, ratio is exactly 1)
     micro_batch_size: int = 16  # responses per forward/backward (gradient accumulation over micro-batches)
-    aggregation: str = "token"  # "token": mean over all response tokens; "sequence": per response, then over responses
+    aggregation: str = "token"  # "token": mean over all response tokens; "sequence": per response, then over responses;
+    # "constant": summed, divided by max_new_tokens x responses (Dr. GRPO)
     std_scale: bool = True  # divide advantages by the group std (released code) or only centre them (paper text)
+    advantage: str = "grpo"  # the estimator (ESTIMATORS): grpo | dr-grpo | rloo | reinforce++ | reinforce++-baseline
+    dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards by groups of further prompts (`more`)
+    dynamic_sampling_max_draws: int = 0  # dynamic sampling: extra prompts per step at most (0: 3 x the step's batch)
     max_grad_norm: float = 1.0  # global gradient-norm clip before each optimizer step
     entropy_coef: float = 0.0  # weight of an entropy bonus on the policy's tokens (released code: 1e-3; 0: none)
     decode_chunk: int = 0  # prompts decoded at a time (whole groups; 0: auto_decode_chunk, all at once on CPU)
@@ -47,20 +56,6 @@ class GRPOConfig:
 
 
 # ----------------------------------------------------------------------------- the math
-
-def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (docs/rewardmap.md §4.1).
-
-    `std` is the unbiased sample std (as torch.std, TRL and verl); a group of equal rewards gives zeros,
-    and so does a group of one. `scale=False` only centres (the paper's text).
-    """
-    r = rewards.float().view(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-        centred = centred / (std + eps)
-    return centred.reshape(-1)
-
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman 2020).
@@ -82,10 +77,16 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advanta
     caps each token's KL term (verl clamps its low-variance KL to [-10, 10]; k3 is never negative).
 
     logp / old_logp / ref_logp: [N, T]; advantages: [N] (one per response) or [N, T]; mask: [N, T] 0/1.
+    `aggregation="constant"` is Dr. GRPO's (Liu et al. 2025, arXiv 2503.20783, §3.1 and its code's
+    `masked_sum / generate_max_length`; TRL's loss_type "dr_grpo"): the summed token losses over a CONSTANT,
+    the response token budget x the number of responses, so a token's weight depends neither on its own
+    response's length (the 1/|o_i| of "sequence" favours long wrong answers and short right ones) nor on
+    the batch's token count ("token"). Without `denom` the constant is mask.numel(), i.e. [N, T] with T the
+    budget; grpo_step passes max_new_tokens x the whole batch's responses (`loss_denominator`).
     `denom` makes micro-batching exact: the summed loss is divided by it instead of by this micro-batch's
-    own count. Pass the whole batch's response-token count (`"token"`) or response count (`"sequence"`)
-    and the gradients summed over micro-batches equal one pass over the whole batch, whatever the
-    micro-batch size. Metrics (token means over this batch): clip_frac (tokens whose clipped term is
+    own count. Pass the whole batch's response-token count (`"token"`), response count (`"sequence"`) or
+    budget x response count (`"constant"`) and the gradients summed over micro-batches equal one pass over
+    the whole batch, whatever the micro-batch size. Metrics (token means over this batch): clip_frac (tokens whose clipped term is
     active, so they get no gradient), approx_kl (k3 of pi_old vs pi_theta), kl (k3 to the reference).
     """
     mask = mask.to(logp.dtype)
@@ -103,8 +104,10 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advanta
     elif aggregation == "sequence":
         per_seq = (per_token * mask).sum(1) / mask.sum(1).clamp(min=1)
         loss = per_seq.sum() / (denom if denom is not None else per_token.shape[0])
+    elif aggregation == "constant":
+        loss = (per_token * mask).sum() / (denom if denom is not None else max(mask.numel(), 1))
     else:
-        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}")
+        raise ValueError(f"aggregation must be 'token', 'sequence' or 'constant', got {aggregation!r}")
     with torch.no_grad():
         n = mask.sum().clamp(min=1)
         clipped = ((ratio > 1 + clip_eps) & (adv > 0)) | ((ratio < 1 - clip_eps) & (adv < 0))
@@ -285,7 +288,9 @@ METRICS = {
     "reward/detail": "mean detail reward (planning; 0 for the other types)",
     "reward/accuracy": "fraction of responses with correctness > 0",
     "reward/std": "std of the total reward over the whole batch",
-    "groups/zero_std_frac": "fraction of groups whose rewards are all equal (zero advantage: no gradient)",
+    "groups/zero_std_frac": "fraction of groups whose rewards are all equal (under a group baseline: zero advantage, no gradient)",
+    "sampling/drawn": "dynamic sampling: prompts sampled beyond the batch's own (0 without --dynamic-sampling)",
+    "sampling/dropped": "dynamic sampling: groups sampled but not trained on (equal rewards, or beyond the batch)",
     "loss/policy": "clipped surrogate term, token mean over the updated rows",
     "kl": "k3 KL to the reference policy, token mean over the updated rows",
     "clip_frac": "fraction of updated tokens whose clipped term is active",
@@ -293,12 +298,12 @@ METRICS = {
     "entropy": "policy entropy per response token, at sampling time",
     "loss": "total loss (surrogate + KL), mean over PPO epochs",
     "response_len": "mean response length in tokens",
-    "tokens/completion": "response tokens sampled this step",
+    "tokens/completion": "response tokens sampled this step (with dynamic sampling: every round's)",
     "response_truncated_frac": "fraction of responses that hit the token budget without end-of-turn",
     "grad_norm": "gradient norm before clipping (mean over PPO epochs)",
     "skipped_nonfinite": "optimizer steps skipped for a non-finite loss or gradient",
     "rows_updated": "responses that went through the update",
-    "time/rollout": "seconds: sampling",
+    "time/rollout": "seconds: sampling (with dynamic sampling: its further rounds, their scoring included)",
     "time/scoring": "seconds: rewards and advantages",
     "time/logprobs": "seconds: reference (and pi_old) log-prob passes",
     "time/update": "seconds: policy forward, backward and optimizer steps",
@@ -307,12 +312,15 @@ METRICS = {
 
 
 def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRPOConfig,
-              generator: torch.Generator | None = None) -> tuple[dict[str, float], list[str]]:
+              generator: torch.Generator | None = None, more=None) -> tuple[dict[str, float], list[str]]:
     """One GRPO step on the prompts `samples`: rollout -> score -> advantages -> reference log-probs -> update.
 
     `reward_fn(sample, response_text)` returns an object with .total, .format, .correctness, .detail.
-    Returns `(metrics, responses)`: the floats named in `METRICS`, and the step's B*G decoded responses
-    (row n answers samples[n // G]).
+    With `cfg.dynamic_sampling`, `more(n)` returns up to n further prompts (the curriculum's next ones; fewer
+    or none when they run out), and the step trains on B groups with reward spread (`dynamic_sampling`).
+    Returns `(metrics, responses)`: the floats named in `METRICS`, and every response the step sampled, in
+    order: row n answers the (n // G)-th prompt, counting `samples` and then what `more` returned (without
+    dynamic sampling: the B*G responses, row n answers samples[n // G]).
     """
     if reference is None and cfg.kl_coef != 0:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs a reference model (model.reference_model(policy)); "
@@ -323,15 +331,21 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
                             cfg.decode_chunk)
     clock.lap("time/rollout")
     rewards = score(samples, rollout.texts, reward_fn, G)
-    advantages = group_advantages(rewards["total"], G, scale=cfg.std_scale).to(policy.device)
     clock.lap("time/scoring")
-    batches = micro_batches(rollout, advantages, cfg)
+    texts, sampling = rollout.texts, {"sampling/drawn": 0.0, "sampling/dropped": 0.0}
+    if cfg.dynamic_sampling:  # DAPO: groups of equal rewards traded for groups of further prompts
+        rollout, rewards, texts, sampling = dynamic_sampling(policy, samples, rollout, rewards, more, reward_fn, cfg,
+                                                             generator)
+        clock.lap("time/rollout")
+    adv = advantages(rewards["total"], G, cfg.advantage, cfg.std_scale).to(policy.device)
+    clock.lap("time/scoring")
+    batches = micro_batches(rollout, adv, cfg)
     ref_logp, old_logp = reference_logprobs(reference, policy.model, batches, cfg)
     clock.lap("time/logprobs")
-    update = policy_update(policy.model, optimizer, batches, advantages, ref_logp, old_logp,
+    update = policy_update(policy.model, optimizer, batches, adv, ref_logp, old_logp,
                            loss_denominator(rollout, cfg), cfg)
     clock.lap("time/update")
-    return step_metrics(rewards, rollout, update, clock.times, G), rollout.texts
+    return step_metrics(rewards, rollout, update, clock.times, G, sampling), texts
 
 
 def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Tensor]:
@@ -341,11 +355,92 @@ def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Te
     return {k: torch.tensor([float(getattr(r, k)) for r in scores]) for k in ("total", "format", "correctness", "detail")}
 
 
+def has_signal(total: Tensor, group_size: int) -> Tensor:
+    """[groups] True where a group's total rewards are not all equal: under a group baseline the others have
+    zero advantage and add no policy gradient. On the TOTAL reward, not correctness (DAPO filters on
+    accuracy): with the detail reward an all-wrong planning group can still rank its answers."""
+    r = total.view(-1, group_size)
+    return (r != r[:, :1]).any(1)
+
+
+def max_draws(setting: int, batch: int) -> int:
+    """Dynamic sampling's cap: prompts drawn per step beyond a batch of `batch` (`setting`, the config's
+    dynamic_sampling_max_draws; 0: 3 x batch, DAPO's rule of thumb of ~3x over-sampling)."""
+    return setting or 3 * batch
+
+
+def dynamic_sampling(policy: Policy, samples, rollout: "Rollout", rewards: dict[str, Tensor], more, reward_fn,
+                     cfg: GRPOConfig, generator=None) -> tuple["Rollout", dict[str, Tensor], list[str], dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at
+    Scale", arXiv 2503.14476, §3.2 and eq. 11: train only on groups with 0 < #correct < G, over-sampling
+    until the batch is full). Here: B = len(samples) groups are wanted with total-reward spread (`has_signal`).
+
+    While fewer than B groups have signal, draw further prompts with `more(n)` (the curriculum's next ones),
+    sample and score their groups. Each round draws n = ceil(missing x drawn / with-signal) prompts (the
+    missing count at the signal rate seen so far in this step; missing x drawn when none had signal), so a
+    sparse step needs few rounds, each one batched decode; at most `max_draws` prompts per step in all, and
+    none once `more` runs dry. The trained batch is the first B groups with signal in draw order; when the cap
+    or the data ends the search, the earliest zero-signal groups fill it up to B (DAPO keeps the batch size;
+    they add only their KL term and count in the loss normaliser). Groups with signal beyond the B-th
+    (the last round's surplus) are dropped. The rollout is returned unchanged when no prompt was drawn.
+
+    Returns (trained rollout, its rewards, every sampled response in draw order, metrics: sampling/drawn =
+    prompts drawn beyond `samples`, sampling/dropped = groups not trained on, tokens/completion = every
+    round's tokens). [multi-GPU] One process only: ranks would draw different numbers of prompts, and FSDP
+    needs every rank to run the same forwards."""
+    if more is None:
+        raise ValueError("dynamic sampling needs `more`, a source of further prompts")
+    if world() > 1:
+        raise ValueError("--dynamic-sampling is not supported with several processes yet")
+    G, target = cfg.group_size, len(samples)
+    cap = max_draws(cfg.dynamic_sampling_max_draws, target)
+    drawn, rounds, scores = list(samples), [rollout], [rewards]
+    signal = has_signal(rewards["total"], G)
+    while int(signal.sum()) < target and len(drawn) - target < cap:
+        missing, found = target - int(signal.sum()), int(signal.sum())
+        new = list(more(min(math.ceil(missing * len(drawn) / max(found, 1)), cap - (len(drawn) - target))))
+        if not new:
+            break  # the stage's prompts are used up
+        extra = sample_groups(policy, new, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator, cfg.decode_chunk)
+        scores.append(score(new, extra.texts, reward_fn, G))
+        rounds.append(extra)
+        drawn += new
+        signal = torch.cat([signal, has_signal(scores[-1]["total"], G)])
+    texts = [t for r in rounds for t in r.texts]
+    tokens = float(sum(r.response_mask.sum() for r in rounds))
+    order = torch.arange(len(drawn))
+    keep = torch.cat([order[signal][:target], order[~signal]])[:target].sort().values  # signal first, then fill
+    counts = {"sampling/drawn": float(len(drawn) - target), "sampling/dropped": float(len(drawn) - len(keep)),
+              "tokens/completion": tokens}
+    if len(rounds) == 1:
+        return rollout, rewards, texts, counts
+    rows = (keep[:, None] * G + torch.arange(G)).flatten()
+    dev = rows.to(policy.device)
+    cat = lambda key, fill: _pad_cat([getattr(r, key) for r in rounds], fill)[dev]  # noqa: E731
+    kept = [drawn[i] for i in keep.tolist()]
+    trained = Rollout(prompts=encode_prompts(policy, kept), group_size=G,
+                      prompt_index=torch.arange(len(kept), device=policy.device).repeat_interleave(G),
+                      response_ids=cat("response_ids", policy.pad_id), response_mask=cat("response_mask", 0.0),
+                      texts=[texts[i] for i in rows.tolist()], logprobs=cat("logprobs", 0.0),
+                      entropy=cat("entropy", 0.0), finished=torch.cat([r.finished for r in rounds])[dev])
+    return trained, {k: torch.cat([s[k] for s in scores])[rows] for k in rewards}, texts, counts
+
+
+def _pad_cat(tensors: list[Tensor], fill) -> Tensor:
+    """[N_k, T_k] tensors right-padded with `fill` to the longest T and stacked along the rows."""
+    T = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill) for t in tensors])
+
+
 def loss_denominator(rollout: "Rollout", cfg: GRPOConfig) -> float:
-    """The whole batch's normaliser (docs/rewardmap.md §4.2): its response-token count ("token") or
-    response count ("sequence"). Every micro-batch divides by it, so the summed gradients are exactly
-    those of one pass over the whole batch. [multi-GPU] Summed over the ranks: the whole step's batch."""
-    count = float(rollout.response_mask.sum()) if cfg.aggregation == "token" else float(rollout.response_ids.shape[0])
+    """The whole batch's normaliser (docs/rewardmap.md §4.2): its response-token count ("token"), response
+    count ("sequence"), or response count x the token budget cfg.max_new_tokens ("constant", Dr. GRPO: the
+    same for every step of a stage, whatever the responses' lengths). Every micro-batch divides by it, so the
+    summed gradients are exactly those of one pass over the whole batch. [multi-GPU] Summed over the ranks:
+    the whole step's batch."""
+    responses = float(rollout.response_ids.shape[0])
+    count = {"token": float(rollout.response_mask.sum()), "sequence": responses,
+             "constant": responses * cfg.max_new_tokens}[cfg.aggregation]
     return max(all_sum(count)[0], 1.0)
 
 
@@ -449,9 +544,11 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
 
 
 def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[str, float], times: dict[str, float],
-                 group_size: int) -> dict[str, float]:
+                 group_size: int, sampling: dict[str, float] | None = None) -> dict[str, float]:
     """Everything in `METRICS`, in its order, from the step's rewards, rollout, update and timings (the timings
-    are this rank's; everything else is over the whole batch, gathered from every rank in rank order)."""
+    are this rank's; everything else is over the whole batch, gathered from every rank in rank order).
+    `sampling`: dynamic sampling's counts (sampling/drawn, sampling/dropped and tokens/completion over every
+    round); the rewards and the rollout are the trained batch's."""
     every = lambda t: torch.cat(gather(t.detach().cpu()))  # noqa: E731
     rewards = {k: every(v) for k, v in rewards.items()}
     lengths, finished = every(rollout.response_mask.sum(1)), every(rollout.finished)
@@ -464,6 +561,7 @@ def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[st
     m["entropy"] = entropy_sum / float(lengths.sum().clamp(min=1))
     m.update(response_len=float(lengths.mean()), **{"tokens/completion": float(lengths.sum())},
              response_truncated_frac=float((~finished).float().mean()))
+    m.update({"sampling/drawn": 0.0, "sampling/dropped": 0.0, **(sampling or {})})
     m.update(update)
     m.update(times)
     return {k: m[k] for k in METRICS}
@@ -479,4 +577,4 @@ class _Clock:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         now = time.perf_counter()
-        self.times[name], self.last = now - self.last, now
+        self.times[name], self.last = self.times.get(name, 0.0) + now - self.last, now  # a phase may come back

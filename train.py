@@ -75,8 +75,9 @@ class TrainConfig:
     kl_coef: float = _f(1e-2, "coefficient of the k3 KL penalty to the frozen reference (0 skips it; paper 1e-3, released script 1e-2)")
     clip_eps: float = _f(0.2, "PPO clip range epsilon")
     ppo_epochs: int = _f(1, "optimisation passes over each rollout batch")
-    aggregation: str = _f("token", "loss averaging: 'token' (over all response tokens) | 'sequence' (per response first)")
+    aggregation: str = _f("token", "loss averaging: 'token' (over all response tokens) | 'sequence' (per response first) | 'constant' (token sum / (token budget x responses): Dr. GRPO)")
     no_std_scale: bool = _f(False, "advantage = r - mean(group) only (the paper's text), not divided by the group std")
+    advantage: str = _f("grpo", "advantage estimator: grpo | dr-grpo (also sets --aggregation constant unless given) | rloo | reinforce++ | reinforce++-baseline")
     max_new_tokens: int = _f(0, "response token budget for judgement / counting questions (0: 4 for the tiny model, whose boxed answers are one token; 2048 otherwise)")
     planning_max_new_tokens: int = _f(0, "response token budget for planning questions (0: 48 for the tiny model; 2048 otherwise)")
     temperature: float = _f(1.0, "sampling temperature for rollouts")
@@ -86,6 +87,8 @@ class TrainConfig:
     kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
     drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
     replay: float = _f(0.0, "share of each batch added from earlier stages' questions, against forgetting (0: none)")
+    dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: groups whose total rewards are all equal are replaced by groups of the stage's next prompts")
+    dynamic_sampling_max_draws: int = _f(0, "dynamic sampling: extra prompts drawn per step at most (0: 3 x the batch)")
     decode_chunk: int = _f(0, "prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)")
     max_steps_per_stage: int = _f(0, "cap on GRPO steps per stage (0: one pass over the stage's data)")
     # model
@@ -142,6 +145,8 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         for k, v in PRESETS[args["preset"]].items():
             if k not in explicit:  # flags given on the command line win over the preset
                 args[k] = v
+    if args["advantage"] == "dr-grpo" and "aggregation" not in explicit:
+        args["aggregation"] = "constant"  # Dr. GRPO is both fixes; --aggregation token ablates the loss's one
     args["gammas"], args["betas"] = tuple(args["gammas"]), tuple(args["betas"])
     cfg = TrainConfig(**args)
     check_config(cfg)
@@ -153,8 +158,13 @@ def check_config(cfg: TrainConfig) -> None:
     stages = curriculum.stage_names(cfg.curriculum)
     if cfg.stage != "all" and cfg.stage not in stages:
         raise ValueError(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, or all)")
-    if cfg.aggregation not in ("token", "sequence"):
-        raise ValueError(f"--aggregation must be token or sequence, got {cfg.aggregation!r}")
+    if cfg.aggregation not in ("token", "sequence", "constant"):
+        raise ValueError(f"--aggregation must be token, sequence or constant, got {cfg.aggregation!r}")
+    if cfg.advantage not in grpo.ESTIMATORS:
+        raise ValueError(f"--advantage must be one of {', '.join(grpo.ESTIMATORS)}, got {cfg.advantage!r}")
+    if cfg.no_std_scale and cfg.advantage != "grpo":
+        raise ValueError(f"--no-std-scale only applies to --advantage grpo ({cfg.advantage} sets its own scale; "
+                         "dr-grpo is GRPO without the std)")
     models.compute_dtype(cfg.dtype)  # raises on an unknown --dtype
     if cfg.bf16_update not in precision.SCHEMES:
         raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
@@ -168,13 +178,16 @@ def check_config(cfg: TrainConfig) -> None:
                            ("lr", cfg.lr > 0, "> 0"), ("alpha", cfg.alpha >= 0, ">= 0"),
                            ("entropy_coef", cfg.entropy_coef >= 0, ">= 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"), ("kl_clamp", cfg.kl_clamp >= 0, ">= 0"),
                            ("max_new_tokens", cfg.max_new_tokens >= 0, ">= 0"), ("decode_chunk", cfg.decode_chunk >= 0, ">= 0"),
-                           ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0")):
+                           ("planning_max_new_tokens", cfg.planning_max_new_tokens >= 0, ">= 0"),
+                           ("dynamic_sampling_max_draws", cfg.dynamic_sampling_max_draws >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
     ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count (distributed.py)
     if cfg.batch_size % ranks:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {ranks} torchrun processes: "
                          "each takes an equal share of every step's prompts")
+    if ranks > 1 and cfg.dynamic_sampling:  # ranks would draw different numbers of prompts: FSDP needs lock-step
+        raise ValueError("--dynamic-sampling is not supported with several processes yet")
     if ranks > 1 and (cfg.eight_bit_adam or cfg.bf16_update == "stochastic"):
         raise ValueError("with several processes the weights are sharded float32 masters (FSDP2): use --bf16-update "
                          "master without --eight-bit-adam (those two are the one-GPU schemes)")
@@ -207,7 +220,9 @@ def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
                            ppo_epochs=cfg.ppo_epochs, micro_batch_size=cfg.micro_batch_size,
                            aggregation=cfg.aggregation, std_scale=not cfg.no_std_scale,
                            max_grad_norm=cfg.max_grad_norm, entropy_coef=cfg.entropy_coef,
-                           kl_clamp=cfg.kl_clamp or None, decode_chunk=cfg.decode_chunk)
+                           kl_clamp=cfg.kl_clamp or None, decode_chunk=cfg.decode_chunk, advantage=cfg.advantage,
+                           dynamic_sampling=cfg.dynamic_sampling,
+                           dynamic_sampling_max_draws=cfg.dynamic_sampling_max_draws)
 
 
 # -------------------------------------------------------------------------------------- checkpoints
@@ -337,6 +352,26 @@ def plot_curves(metrics_path: Path, png: Path) -> None:
 
 # --------------------------------------------------------------------------------------------- loop
 
+def stage_batches(cfg: TrainConfig, name: str, stage_samples: list, earlier: list) -> list[list]:
+    """The stage's prompt batches in curriculum order, one per GRPO step (`curriculum.batches`), with replayed
+    earlier questions (`curriculum.with_replay`). [dynamic sampling] With --max-steps-per-stage, steps draw
+    more prompts than their batch: enough further batches (passes) come after, so each of the stage's steps
+    can draw its most (batch + max draws); each longer list starts with the shorter one."""
+    def make(n: int | None) -> list[list]:
+        steps = curriculum.batches(stage_samples, cfg.batch_size, n, seed=cfg.seed,
+                                   group=curriculum.group_of(cfg.curriculum, name), drop_last=cfg.drop_last)
+        return curriculum.with_replay(steps, earlier, cfg.replay, cfg.seed, name)
+
+    steps = make(cfg.max_steps_per_stage or None)
+    if cfg.dynamic_sampling and cfg.max_steps_per_stage and steps:
+        per_step = len(steps[0]) + grpo.max_draws(cfg.dynamic_sampling_max_draws, len(steps[0]))
+        n = len(steps)
+        while sum(map(len, steps)) < cfg.max_steps_per_stage * per_step:
+            n *= 2
+            steps = make(n)
+    return steps
+
+
 def held_out(test: list, qtypes: set[str], n: int, seed: int) -> list:
     """A fixed, seeded subset of the test split for the given question types (n = 0: all of them)."""
     pool = [s for s in test if s.qtype in qtypes]
@@ -422,9 +457,7 @@ def train(cfg: TrainConfig) -> dict:
     for stage_index, (name, stage_samples) in enumerate(stages):
         if stage_index < position["stage_index"]:
             continue
-        steps = curriculum.batches(stage_samples, cfg.batch_size, cfg.max_steps_per_stage or None, seed=cfg.seed,
-                                   group=curriculum.group_of(cfg.curriculum, name), drop_last=cfg.drop_last)
-        steps = curriculum.with_replay(steps, earlier[name], cfg.replay, cfg.seed, name)
+        steps = stage_batches(cfg, name, stage_samples, earlier[name])
         steps, left_out = distributed.trim_batches(steps)  # [multi-GPU] equal shares; one process: unchanged
         if left_out and main:
             print(f"stage {name}: {left_out} prompts of its last batch left out (not divisible by {distributed.world()} ranks)")
@@ -434,12 +467,23 @@ def train(cfg: TrainConfig) -> dict:
         gcfg = grpo_config(cfg, name)
         probe = held_out(test_samples, curriculum.stage_qtypes(cfg.curriculum, name), cfg.eval_samples, cfg.seed)
         first = position["step_in_stage"] if stage_index == position["stage_index"] else 0
-        bar = tqdm(total=len(steps), initial=first, desc=f"stage {stage_index + 1}/{len(stages)} {name}", dynamic_ncols=True,
+        n_steps = min(len(steps), cfg.max_steps_per_stage or len(steps))
+        # [dynamic sampling] the stage is one stream of prompts: a step takes a batch's worth, then what it draws
+        # more; the stream's position goes into the checkpoint, so a resumed run draws the same prompts
+        stream = curriculum.PromptStream(steps, position.get("prompts_in_stage", 0) if first else 0) \
+            if cfg.dynamic_sampling else None
+        bar = tqdm(total=n_steps, initial=first, desc=f"stage {stage_index + 1}/{len(stages)} {name}", dynamic_ncols=True,
                    disable=not main)
-        for step in range(first, len(steps)):
-            mine = distributed.my_share(steps[step])  # [multi-GPU] this rank's prompts; one process: all
-            metrics, responses = grpo.grpo_step(policy, reference, optimizer, mine, score, gcfg, generator=generator)
+        for step in range(first, n_steps):
+            if stream is not None and not stream.left():
+                break  # [dynamic sampling] the stage's prompts are used up (one pass: fewer steps than batches)
+            batch = steps[step] if stream is None else stream.take(len(steps[0]))
+            mine = distributed.my_share(batch)  # [multi-GPU] this rank's prompts; one process: all
+            metrics, responses = grpo.grpo_step(policy, reference, optimizer, mine, score, gcfg, generator=generator,
+                                                more=stream.take if stream is not None else None)
             position = {"stage_index": stage_index, "step_in_stage": step + 1, "global_step": position["global_step"] + 1}
+            if stream is not None:
+                position["prompts_in_stage"] = stream.position
             row = {"stage": name, "step": step, "global_step": position["global_step"], **metrics,
                    "wall_time": round(time.time() - t0, 3), "example": responses[0][:200] if responses else ""}
             if main:
@@ -458,7 +502,8 @@ def train(cfg: TrainConfig) -> dict:
                 quick = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg), progress=False)
                 if main:
                     tqdm.write(f"step {position['global_step']} eval: {evaluation.one_line(quick)}")
-            if cfg.save_every and position["global_step"] % cfg.save_every == 0 and step + 1 < len(steps):
+            last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
+            if cfg.save_every and position["global_step"] % cfg.save_every == 0 and not last:
                 save_checkpoint(out, policy, optimizer, generator, position, cfg)
         bar.close()
         if main:

@@ -38,7 +38,9 @@ CHANGES = {
     "lr": (["--lr", "1e-3"], {"optimizer"}), "weight_decay": (["--weight-decay", "0.1"], {"optimizer"}),
     "kl_coef": (["--kl-coef", "0"], {"grpo", "reference"}), "clip_eps": (["--clip-eps", "0.3"], GRPO),
     "ppo_epochs": (["--ppo-epochs", "2"], GRPO), "aggregation": (["--aggregation", "sequence"], GRPO),
-    "no_std_scale": (["--no-std-scale"], GRPO), "max_new_tokens": (["--max-new-tokens", "9"], {"grpo", "evals"}),
+    "no_std_scale": (["--no-std-scale"], GRPO), "advantage": (["--advantage", "rloo"], GRPO),
+    "dynamic_sampling": (["--dynamic-sampling"], {"grpo", "batches"}),
+    "dynamic_sampling_max_draws": (["--dynamic-sampling-max-draws", "5"], GRPO), "max_new_tokens": (["--max-new-tokens", "9"], {"grpo", "evals"}),
     "planning_max_new_tokens": (["--planning-max-new-tokens", "30"], {"grpo", "evals"}),
     "temperature": (["--temperature", "0.7"], GRPO), "top_p": (["--top-p", "0.9"], GRPO),
     "max_grad_norm": (["--max-grad-norm", "0.5"], GRPO), "entropy_coef": (["--entropy-coef", "0.001"], GRPO),
@@ -80,7 +82,9 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     m.setattr(train.precision, "make_optimizer", lambda *a, **k: got.__setitem__("optimizer", (a[1:], k)) or object())
     m.setattr(train, "reward_config", lambda c: got.__setitem__("reward", REWARD_CONFIG(c)) or got["reward"])
 
-    def step(policy, reference, optimizer, samples, reward_fn, gcfg, generator=None):
+    def step(policy, reference, optimizer, samples, reward_fn, gcfg, generator=None, more=None):
+        if gcfg.dynamic_sampling:  # as grpo.dynamic_sampling does when a quarter of the groups lack signal
+            samples = samples + more(len(samples) // 4)
         got["batches"].append([s.id for s in samples])
         got["grpo"].append(gcfg)
         got["sampling"].append(torch.rand(1, generator=generator).item())  # the rollouts' random stream

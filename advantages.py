@@ -1,0 +1,117 @@
+"""Advantage estimators: one advantage per response from the step's total rewards (docs/rewardmap.md §4.1).
+
+GRPO's group-relative advantage (`group_advantages`, the paper's) and the estimators researchers compare it
+with (`--advantage`): Dr. GRPO, RLOO, REINFORCE++ and its baseline variant; `advantages` picks one. Rewards
+come as [B*G] in contiguous groups of G (row n answers prompt n // G). The batch-wide ones use the whole
+global batch under torchrun (distributed.all_sum), so every rank gets what one process would compute.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from distributed import all_sum
+
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (docs/rewardmap.md §4.1).
+
+    `std` is the unbiased sample std (as torch.std, TRL and verl); a group of equal rewards gives zeros,
+    and so does a group of one. `scale=False` only centres (the paper's text).
+    """
+    r = rewards.float().view(-1, group_size)
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)
+
+
+def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training: A Critical Perspective", arXiv 2503.20783,
+    §3.1): A_i = r_i - mean_g r, the group mean as baseline without GRPO's division by the group std.
+
+    The std division weights a question by 1/std of its rewards: almost-always-right and almost-always-wrong
+    questions get larger updates (the paper's "question-level difficulty bias"). The paper's other fix, the
+    length bias of 1/|o_i|, is the loss's: `aggregation="constant"` (train.py's `--advantage dr-grpo` sets both)."""
+    return group_advantages(rewards, group_size, scale=False)
+
+
+def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
+    """RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization for Learning from
+    Human Feedback in LLMs", arXiv 2402.14740, eq. 6): each response's baseline is the mean of the OTHER G - 1
+    rewards of its group,
+
+        A_i = r_i - 1/(G-1) sum_{j != i} r_j = G/(G-1) (r_i - mean_g r),
+
+    so the baseline does not depend on the sample it scores (unbiased). A group of one gets zeros."""
+    if group_size < 2:
+        return torch.zeros_like(rewards.float())
+    return group_advantages(rewards, group_size, scale=False) * (group_size / (group_size - 1))
+
+
+def _batch_whiten(x: Tensor, eps: float) -> Tensor:
+    """(x - mean_batch x) / (std_batch x + eps) over the WHOLE step's batch: under torchrun the mean and the
+    (unbiased) std come from `all_sum` of every rank's sum, count and squared deviations, so each rank gets
+    exactly the advantages one process would compute on the whole batch (two passes in float64: no
+    cancellation of a sum of squares)."""
+    x64 = x.double()
+    total, count = all_sum(float(x64.sum()), float(x64.numel()))
+    mean = total / max(count, 1.0)
+    (squares,) = all_sum(float(((x64 - mean) ** 2).sum()))
+    std = math.sqrt(squares / (count - 1)) if count > 1 else 0.0
+    return ((x64 - mean) / (std + eps)).float()
+
+
+def reinforce_pp_advantages(rewards: Tensor, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++ (Hu 2025, "REINFORCE++: A Simple and Efficient Approach for Aligning Large Language
+    Models", arXiv 2501.03262, eq. 10, outcome reward only): A_i = (r_i - mean_batch r) / (std_batch r + eps),
+    normalised over the whole global batch, with no per-prompt baseline.
+
+    The KL penalty stays in the loss (`kl_coef`), not folded into a per-token reward as in the paper's eq. 8,
+    so each response has one advantage and the whitening is over responses (OpenRLHF whitens its per-token
+    returns over tokens). std is the unbiased one, as in `group_advantages`. Note: a group of equal rewards
+    still gets non-zero advantages here (the baseline is the batch's, not the group's)."""
+    return _batch_whiten(rewards.float(), eps)
+
+
+def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int, eps: float = 1e-6) -> Tensor:
+    """REINFORCE++-baseline (Hu 2025, arXiv 2501.03262 §"REINFORCE++-Baseline"; OpenRLHF `reinforce_baseline`):
+    subtract the group mean first (the prompt's baseline), then normalise over the whole global batch,
+
+        c_i = r_i - mean_g r,     A_i = (c_i - mean_batch c) / (std_batch c + eps),
+
+    i.e. GRPO's centring with one batch-wide scale instead of a per-group std (no difficulty bias)."""
+    return _batch_whiten(group_advantages(rewards, group_size, scale=False), eps)
+
+
+ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")
+"""The advantage estimators `advantages` knows (train.py's `--advantage`)."""
+
+
+def advantages(rewards: Tensor, group_size: int, estimator: str = "grpo", std_scale: bool = True,
+               eps: float = 1e-6) -> Tensor:
+    """One advantage per response [B*G] from the total rewards [B*G] (contiguous groups), by `estimator`:
+
+        grpo                  (r - mean_g) / (std_g + eps)       (std_scale=False: r - mean_g)   group_advantages
+        dr-grpo               r - mean_g                                                         dr_grpo_advantages
+        rloo                  G/(G-1) (r - mean_g)                                               rloo_advantages
+        reinforce++           (r - mean_B) / (std_B + eps)       B: the whole (global) batch      reinforce_pp_advantages
+        reinforce++-baseline  whiten_B(r - mean_g)                                               reinforce_pp_baseline_advantages
+
+    `std_scale=False` is GRPO's switch only (the other estimators fix their own scale)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if not std_scale and estimator != "grpo":
+        raise ValueError(f"std_scale=False is GRPO's option; {estimator!r} sets its own scale")
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale=std_scale, eps=eps)
+    if estimator == "dr-grpo":
+        return dr_grpo_advantages(rewards, group_size)
+    if estimator == "rloo":
+        return rloo_advantages(rewards, group_size)
+    if estimator == "reinforce++":
+        return reinforce_pp_advantages(rewards, eps)
+    return reinforce_pp_baseline_advantages(rewards, group_size, eps)
