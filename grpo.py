@@ -18,6 +18,7 @@ dynamic sampling (`dynamic_sampling`) as an optional second half of the score ph
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from torch import Tensor
 
 from advantages import (ESTIMATORS, advantages, dr_grpo_advantages, group_advantages,  # noqa: F401
                         reinforce_pp_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
+from lora import adapters_disabled
 from distributed import all_min, all_sum, everyone, gather, world
 from model import Policy, encode_prompts, forward_logits, join_prompt_response, kv_cache, shared_prompt_logprobs
 
@@ -486,8 +488,10 @@ def reference_logprobs(reference, model, batches: list[MicroBatch], cfg: GRPOCon
     """Per micro-batch: log pi_ref of the sampled tokens (None when kl_coef is 0: no reference pass at
     all), and log pi_old when ppo_epochs > 1 (None otherwise: with one epoch pi_old is the current
     policy itself, see `policy_update`). pi_old comes from the same forward as the update's, so the
-    ratio is exactly 1 before the first optimizer step even in bf16 (the decode's log-probs differ)."""
-    ref = [shared_prompt_logprobs(reference, *mb.inputs) if cfg.kl_coef != 0 else None for mb in batches]
+    ratio is exactly 1 before the first optimizer step even in bf16 (the decode's log-probs differ).
+    With LoRA the reference is the policy's own model with its adapters disabled (lora.py): the base."""
+    with adapters_disabled(model) if reference is model else contextlib.nullcontext():
+        ref = [shared_prompt_logprobs(reference, *mb.inputs) if cfg.kl_coef != 0 else None for mb in batches]
     old = [shared_prompt_logprobs(model, *mb.inputs) if cfg.ppo_epochs > 1 else None for mb in batches]
     return ref, old
 

@@ -36,14 +36,17 @@ class LoraLinear(nn.Module):
     A and B are float32 whatever the base's dtype (a bf16 or 4-bit base): the update is small next to W0 and would
     be rounded away in bf16. `base_layer` may be any nn.Linear subclass (bitsandbytes' Linear4bit for QLoRA)."""
 
-    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float):
+    def __init__(self, base_layer: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
         super().__init__()
         self.base_layer, self.rank, self.alpha, self.scaling = base_layer, rank, alpha, alpha / rank
         self.disabled = False  # set by adapters_disabled
         device = base_layer.weight.device
         self.lora_A = nn.Linear(base_layer.in_features, rank, bias=False, device=device, dtype=torch.float32)
         self.lora_B = nn.Linear(rank, base_layer.out_features, bias=False, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # peft's init_lora_weights=True
+        a = torch.empty(rank, base_layer.in_features)  # drawn on the CPU from `generator`: the same on any device
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=generator)  # peft's init_lora_weights=True
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a)
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the adapted model starts at its base
 
     def forward(self, x: Tensor) -> Tensor:
@@ -76,18 +79,21 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
 
 
-def _wrap(model: nn.Module, names: list[str], rank: int, alpha: float) -> list[str]:
-    """Wrap the named linear layers and freeze everything but the adapters."""
+def _wrap(model: nn.Module, names: list[str], rank: int, alpha: float, seed: int = 0) -> list[str]:
+    """Wrap the named linear layers and freeze everything but the adapters (A drawn from a generator seeded with
+    `seed`, so the adapters do not depend on what else used the global random stream)."""
     model.requires_grad_(False)  # every weight so far; the adapters created below are trainable
+    generator = torch.Generator().manual_seed(seed)
     for name in names:
-        _replace(model, name, LoraLinear(model.get_submodule(name), rank, alpha))
+        _replace(model, name, LoraLinear(model.get_submodule(name), rank, alpha, generator))
     return names
 
 
-def add_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS) -> list[str]:
+def add_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS, seed: int = 0) -> list[str]:
     """Wrap every nn.Linear (or subclass) that a spec in `targets` names (see `_matches`; default: the language
     model's attention and MLP projections, not the vision tower; add "visual" for it) in a `LoraLinear`
-    of rank `rank` and scale alpha / rank, and freeze every other parameter. Returns the wrapped module paths."""
+    of rank `rank` and scale alpha / rank, and freeze every other parameter (`seed`: the A matrices' draw).
+    Returns the wrapped module paths."""
     if isinstance(targets, str):
         targets = [t.strip() for t in targets.split(",")]
     if not isinstance(rank, int) or rank <= 0:
@@ -111,7 +117,7 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS)
             raise ValueError(f"LoRA target {spec!r} names the LM head: model.head_logprobs reads its weight directly, "
                              "so an adapter there would be ignored")
         names += [n for n in hits if n not in names]
-    return _wrap(model, names, rank, alpha)
+    return _wrap(model, names, rank, alpha, seed)
 
 
 @contextmanager
@@ -229,7 +235,7 @@ def merge_lora(model: nn.Module) -> nn.Module:
 def check_qlora(device: str | torch.device) -> None:
     """Raise unless QLoRA can run: bitsandbytes' 4-bit kernels need a CUDA device and the package."""
     if torch.device(device).type != "cuda" or not torch.cuda.is_available():
-        raise RuntimeError(f"--qlora needs a CUDA GPU and bitsandbytes; the device here is {torch.device(device)} "
+        raise ValueError(f"--qlora needs a CUDA GPU and bitsandbytes; the device here is {torch.device(device)} "
                            "(drop --qlora to train plain LoRA adapters over a bf16 / float32 base)")
     try:
         import bitsandbytes  # noqa: F401

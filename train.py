@@ -36,6 +36,8 @@ import eval as evaluation
 import grpo
 import model as models
 import precision
+import lora
+import report
 import rewards
 from data import CACHE_DIR, SYNTHETIC_CITIES
 
@@ -96,7 +98,12 @@ class TrainConfig:
     dtype: str = _f("", "compute dtype: float32 | bfloat16 (empty: bfloat16 on CUDA, float32 on CPU)")
     bf16_update: str = _f("master", "with bfloat16: 'master' (float32 weights, bf16 autocast) | 'stochastic' (bf16 weights, stochastically rounded AdamW)")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (large models)")
-    eight_bit_adam: bool = _f(False, "bitsandbytes 8-bit AdamW (GPU)")
+    eight_bit_adam: bool = _f(False, "8-bit AdamW moments: bitsandbytes under --bf16-update master (GPU); precision.AdamWSR's own under stochastic")
+    lora_rank: int = _f(0, "LoRA: train low-rank adapters of this rank instead of every weight (0: full fine-tuning)")
+    lora_alpha: float = _f(0.0, "LoRA scale numerator: the update is (alpha / rank) B A (0: 2 x rank)")
+    lora_targets: str = _f(",".join(lora.DEFAULT_TARGETS), "LoRA: comma-separated layer names to adapt (the language model's; add 'visual' for the vision tower)")
+    qlora: bool = _f(False, "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; with --lora-rank)")
+    merge_lora: bool = _f(False, "with --lora-rank: also write the adapters merged into a full model, --out/model-merged")
     # run
     seed: int = _f(0, "seed for data, curriculum shuffle, sampling and model init")
     out: str = _f("runs/default", "output folder")
@@ -107,6 +114,10 @@ class TrainConfig:
     eval_every: int = _f(0, "evaluate on held-out samples of the current stage every N steps (0: only at stage ends)")
     eval_samples: int = _f(200, "held-out samples per evaluation (0: the whole test split)")
     max_nonfinite: int = _f(5, "stop the run after this many consecutive steps with a non-finite loss")
+    report_to: str = _f("none", "live dashboard of the metrics.jsonl numbers: none | tensorboard (event files in --out/tensorboard; "
+                        "pip install tensorboard) | wandb (project rewardmap; pip install wandb; WANDB_MODE=offline needs no account)",
+                        choices=report.KINDS)
+    report_samples_every: int = _f(10, "with --report-to: a table of a few sampled responses and their reward parts every N steps (0: never)")
     debug: bool = _f(False, "show the full traceback of an error (otherwise a user error prints one line)")
 
 
@@ -193,6 +204,14 @@ def check_config(cfg: TrainConfig) -> None:
                          "master without --eight-bit-adam (those two are the one-GPU schemes)")
     if cfg.group_size < 2:
         raise ValueError("--group-size must be >= 2: GRPO's advantage compares responses within a group")
+    if cfg.lora_rank < 0 or cfg.lora_alpha < 0 or cfg.report_samples_every < 0:
+        raise ValueError("--lora-rank, --lora-alpha and --report-samples-every must be >= 0")
+    lora_only = [flag for flag, on in (("--qlora", cfg.qlora), ("--merge-lora", cfg.merge_lora),
+                                       ("--lora-targets", cfg.lora_targets != ",".join(lora.DEFAULT_TARGETS))) if on]
+    if lora_only and not cfg.lora_rank:
+        raise ValueError(f"{', '.join(lora_only)} need --lora-rank (LoRA adapters)")
+    if ranks > 1 and cfg.lora_rank:
+        raise ValueError("--lora-rank is not supported with several processes yet (LoRA is the one-small-GPU recipe)")
 
 
 # ------------------------------------------------------------------------------ the components' configs
@@ -228,7 +247,8 @@ def grpo_config(cfg: TrainConfig, stage: str) -> grpo.GRPOConfig:
 # -------------------------------------------------------------------------------------- checkpoints
 
 MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
-                        "max_nonfinite", "gradient_checkpointing", "decode_chunk", "debug")
+                        "max_nonfinite", "gradient_checkpointing", "decode_chunk", "debug", "merge_lora", "report_to",
+                        "report_samples_every")
 """The settings a resumed run may change: where things are written and how often, what is only logged, and
 recomputation that leaves the update's value unchanged. Every other TrainConfig field changes what the run
 computes, so a resumed run must keep the killed run's value, or its steps would not continue that run's."""
@@ -403,43 +423,47 @@ def train(cfg: TrainConfig) -> dict:
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
     if main:
         (out / "config.json").write_text(cli.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    reporter = report.open_reporter(cfg.report_to, out, dataclasses.asdict(cfg), out.resolve().name,
+                                    resume_step=state["position"]["global_step"] if state is not None else None) if main else None
 
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with distributed.main_first():  # rank 0 fills the cache (synthetic maps, tiny model); the others read it
         train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
-        dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master"
+        # with LoRA the base is frozen: no float32 master copy (the adapters are float32 themselves)
+        dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master" and not cfg.lora_rank
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
-                                   cfg.gradient_checkpointing, dtype, master)
+                                   cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
+    if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
+        lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets, seed=cfg.seed)
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     earlier = {name: [s for _, part in stages[:k] for s in part] for k, (name, _) in enumerate(stages)}
     if cfg.stage != "all":
         stages = [(name, part) for name, part in stages if name == cfg.stage]
-    reference = models.reference_model(policy) if cfg.kl_coef > 0 else None  # the initial policy, frozen
+    # the initial policy, frozen; with LoRA the policy's own model (grpo runs it with the adapters disabled)
+    reference = (policy.model if cfg.lora_rank else models.reference_model(policy)) if cfg.kl_coef > 0 else None
     generator = torch.Generator(device=policy.device).manual_seed(distributed.rank_seed(cfg.seed))
     position = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
     if distributed.world() > 1:  # [multi-GPU] 1/N of each model per rank; bf16 compute over float32 master weights
         distributed.shard(policy.model, getattr(policy.model, "autocast_dtype", None))
         if reference is not None:
             distributed.shard(reference)
-    if ckpt is not None and distributed.world() > 1:
+    if ckpt is not None:  # the weights (a sharded run's come below, with the optimizer state), then the RNG states
+        if cfg.lora_rank:
+            lora.load_adapter(policy.model, ckpt)  # the same base, the checkpoint's adapters
+        elif distributed.world() == 1:
+            device, pixels = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
+            del policy  # the reference keeps the initial weights; never hold three models at once
+            policy = models.load_policy(str(ckpt), device=device, dtype=dtype, master_weights=master,
+                                        gradient_checkpointing=cfg.gradient_checkpointing, **pixels)
         rng = state["rngs"][distributed.rank()]
         generator.set_state(rng["generator"])
         torch.set_rng_state(rng["torch_rng"])
         random.setstate(rng["python_rng"])
         position = state["position"]
-    elif ckpt is not None:
-        device, pixels = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
-        del policy  # the reference keeps the initial weights; never hold three models at once
-        policy = models.load_policy(str(ckpt), device=device, dtype=dtype, master_weights=master,
-                                    gradient_checkpointing=cfg.gradient_checkpointing, **pixels)
-        rng = state["rngs"][0]
-        generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch_rng"])
-        random.setstate(rng["python_rng"])
-        position = state["position"]
     optimizer = precision.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
-                                         stochastic_rounding=dtype != torch.float32 and not master, seed=cfg.seed)
+                                         stochastic_rounding=dtype != torch.float32 and not master and not cfg.lora_rank,
+                                         seed=cfg.seed)
     if ckpt is not None:
         if distributed.world() > 1:
             distributed.load_sharded(ckpt / "sharded", policy.model, optimizer)
@@ -489,6 +513,9 @@ def train(cfg: TrainConfig) -> dict:
             if main:
                 with open(metrics_path, "a") as f:
                     f.write(cli.dumps(row) + "\n")
+                report.log_step(reporter, row, position["global_step"])
+                if reporter is not None and cfg.report_samples_every and position["global_step"] % cfg.report_samples_every == 0:
+                    report.log_samples(reporter, position["global_step"], report.sample_records(mine, responses, score, cfg.group_size))
             bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}", kl=f"{metrics['kl']:.4f}")
             bar.update(1)
             nonfinite_run = nonfinite_run + 1 if metrics.get("skipped_nonfinite") else 0
@@ -502,6 +529,7 @@ def train(cfg: TrainConfig) -> dict:
                 quick = evaluation.evaluate(policy, probe, reward_cfg, *budgets(cfg), progress=False)
                 if main:
                     tqdm.write(f"step {position['global_step']} eval: {evaluation.one_line(quick)}")
+                    report.log_step(reporter, {"eval": {k: v for k, v in quick.items() if k != "records"}}, position["global_step"])
             last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
             if cfg.save_every and position["global_step"] % cfg.save_every == 0 and not last:
                 save_checkpoint(out, policy, optimizer, generator, position, cfg)
@@ -514,13 +542,19 @@ def train(cfg: TrainConfig) -> dict:
             if main:
                 (out / f"eval_{name}.json").write_text(cli.dumps(summary, indent=2) + "\n")
                 print(f"end of stage {name}: {evaluation.one_line(summary)}")
+                report.log_step(reporter, {"eval": {k: v for k, v in summary.items() if k != "records"}}, position["global_step"])
         position = {"stage_index": stage_index + 1, "step_in_stage": 0, "global_step": position["global_step"]}
         save_checkpoint(out, policy, optimizer, generator, position, cfg)
     weights = distributed.full_state_dict(policy.model) if distributed.world() > 1 else None  # every rank sends its shards
     if not main:
         return summaries
-    # checkpoints keep the training precision; the exported model/ has the compute dtype
+    report.close(reporter)
+    # checkpoints keep the training precision; the exported model/ has the compute dtype (LoRA: the adapters)
     models.save_policy(policy, out / "model", dtype=dtype, budgets=budgets(cfg), state_dict=weights)
+    if cfg.merge_lora:  # a full model: the base reloaded unquantized on the CPU, the adapters folded into it
+        merged = models.load_policy(str(out / "model"), device="cpu", dtype=dtype)
+        lora.merge_lora(merged.model)
+        models.save_policy(merged, out / "model-merged", budgets=budgets(cfg))
     if metrics_path.exists() and not (out / "curves.png").exists():  # each stage's end already drew the curves
         plot_curves(metrics_path, out / "curves.png")
     print(f"done in {time.time() - t0:.0f} s: model in {out / 'model'}, metrics in {metrics_path}, curves in {out / 'curves.png'}")

@@ -213,12 +213,12 @@ def test_merge_gives_the_adapted_model_as_a_plain_one(tiny_vlm, tmp_path):
 
 
 def test_qlora_needs_cuda_and_bitsandbytes(monkeypatch):
-    with pytest.raises(RuntimeError, match="--qlora needs a CUDA GPU and bitsandbytes.*cpu"):
+    with pytest.raises(ValueError, match="--qlora needs a CUDA GPU and bitsandbytes.*cpu"):
         lora.check_qlora("cpu")
-    with pytest.raises(RuntimeError, match="--qlora needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="--qlora needs a CUDA GPU"):
         lora.qlora_from_pretrained_kwargs("cpu")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # named "cuda", but none there
-    with pytest.raises(RuntimeError, match="--qlora needs a CUDA GPU"):
+    with pytest.raises(ValueError, match="--qlora needs a CUDA GPU"):
         lora.check_qlora("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU, but no bitsandbytes
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)

@@ -55,6 +55,14 @@ CHANGES = {
     "out": (None, {"checkpoints", "export"}), "cache_dir": (["--cache-dir", "/tmp/other-cache"], {"load_data", "load_model"}),
     "resume": (["--resume"], {"error"}), "save_every": (["--save-every", "2"], {"checkpoints"}),
     "eval_every": (["--eval-every", "2"], {"evals"}), "eval_samples": (["--eval-samples", "3"], {"evals"}),
+    # a third entry: flags both runs get (the changed flag only acts with them)
+    "lora_rank": (["--lora-rank", "4"], {"lora", "load_model", "reference"}),
+    "lora_alpha": (["--lora-alpha", "3"], {"lora"}, ["--lora-rank", "4"]),
+    "lora_targets": (["--lora-targets", "q_proj"], {"lora"}, ["--lora-rank", "4"]),
+    "qlora": (["--qlora"], {"qlora"}, ["--lora-rank", "4"]),
+    "merge_lora": (["--merge-lora"], {"merged", "export"}, ["--lora-rank", "4"]),
+    "report_to": (["--report-to", "tensorboard"], {"report"}),
+    "report_samples_every": (["--report-samples-every", "2"], {"samples"}, ["--report-to", "tensorboard"]),
 }
 
 
@@ -77,7 +85,15 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     got: dict = {"batches": [], "grpo": [], "sampling": [], "evals": [], "checkpoints": []}
     m = monkeypatch
     m.setattr(train.data, "load_data", lambda *a: got.__setitem__("load_data", a) or world)
-    m.setattr(train.models, "load_model", lambda name, samples, *a: got.__setitem__("load_model", (name, *a)) or policy)
+    m.setattr(train.models, "load_model", lambda name, samples, *a, **k: got.update(load_model=(name, *a), qlora=k)
+              or policy)
+    m.setattr(train.lora, "add_lora", lambda model, *a, **k: got.__setitem__("lora", (a, k)))
+    m.setattr(train.lora, "merge_lora", lambda model: got.__setitem__("merged", True))
+    m.setattr(train.models, "load_policy", lambda *a, **k: policy)
+    m.setattr(train.report, "open_reporter", lambda kind, *a, **k: got.__setitem__("report", kind) or "reporter")
+    m.setattr(train.report, "log_samples", lambda rep, step, records: got.setdefault("samples", []).append(step))
+    m.setattr(train.report, "log_step", lambda *a: None)
+    m.setattr(train.report, "close", lambda rep: None)
     m.setattr(train.models, "reference_model", lambda p: got.__setitem__("reference", True) or object())
     m.setattr(train.precision, "make_optimizer", lambda *a, **k: got.__setitem__("optimizer", (a[1:], k)) or object())
     m.setattr(train, "reward_config", lambda c: got.__setitem__("reward", REWARD_CONFIG(c)) or got["reward"])
@@ -106,7 +122,8 @@ def record(cfg, world, policy, monkeypatch) -> dict:
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in ELSEWHERE])
 def test_every_flag_reaches_its_component(field, world, tiny_lm, tmp_path, monkeypatch):
     base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5"]
-    argv, components = CHANGES[field]
+    argv, components, *both = CHANGES[field]
+    base += both[0] if both else []
     argv = argv if field != "out" else ["--out", str(tmp_path / "elsewhere")]
     if field == "max_steps_per_stage":
         base = base[:2]
