@@ -2,6 +2,7 @@
 images, and the real metro files shipped with the tests."""
 import copy
 import dataclasses
+from dataclasses import dataclass
 import os
 import sys
 from pathlib import Path
@@ -20,6 +21,16 @@ REAL_METRO = Path(__file__).resolve().parent / "data" / "reasonmap-metro"
 REAL_CITIES = ("singapore/singapore.json", "china/shanghai.json", "china/beijing.json", "america/new_york.json")
 
 COLOUR_Q = 'What colour fills the image: red or blue? Put your answer in one "\\boxed{}".'
+
+
+@dataclass
+class R:
+    """A reward's parts, as rewards.reward returns them: what reward functions written in tests return."""
+    total: float
+    format: float = 0.0
+    correctness: float = 0.0
+    detail: float = 0.0
+    weight: float = 1.0
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,11 @@ values, the global-batch statistics of REINFORCE++ over several ranks, micro-bat
 import math
 import sys
 import threading
-from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import fresh, text_samples
+from conftest import R, fresh, text_samples
 
 import grpo
 import train
@@ -149,14 +148,6 @@ def test_loss_denominator_constant_is_budget_times_responses():
     rollout = SimpleNamespace(response_ids=torch.zeros(6, 3), response_mask=torch.tensor([[1.0, 1, 0]] * 6))
     for aggregation, want in (("token", 12.0), ("sequence", 6.0), ("constant", 6.0 * 7)):
         assert grpo.loss_denominator(rollout, grpo.GRPOConfig(aggregation=aggregation, max_new_tokens=7)) == want
-
-
-@dataclass
-class R:
-    total: float
-    format: float = 0.0
-    correctness: float = 0.0
-    detail: float = 0.0
 
 
 def _length_reward(sample, text):

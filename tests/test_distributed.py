@@ -2,7 +2,6 @@
 (gloo): one update equals the one-process update, and train.py resumes after a kill -9 of a rank."""
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ from safetensors.torch import load_file
 
 import distributed
 import train
-from test_train import comparable, rows, small_args
+from test_train import comparable, kill_script, rows, small_args
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -89,18 +88,7 @@ def test_sharded_update_equals_the_one_process_update(tmp_path, tiny_cache):
 
 # rank 1 SIGKILLs itself as its 5th GRPO step begins (the first of the planning stage, after the checkpoint
 # at the end of counting, step 4); torchrun then stops rank 0 too
-KILL_RANK_1 = """
-import os, signal, sys
-import distributed, train
-real, calls = train.grpo.grpo_step, []
-def step(*a, **kw):
-    calls.append(1)
-    if len(calls) == 5 and distributed.rank() == 1:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*a, **kw)
-train.grpo.grpo_step = step
-train.main(sys.argv[1:])
-"""
+KILL_RANK_1 = kill_script(5, rank=1)
 
 
 def test_torchrun_training_resumes_after_a_rank_is_killed(tmp_path):

@@ -2,11 +2,10 @@
 reward spread, drawn prompts come from the curriculum's stream in order and are counted, the cap holds, and a
 resumed run draws exactly what the uninterrupted one drew."""
 import json
-from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import fresh, text_samples
+from conftest import R, fresh, text_samples
 from test_train import comparable, rows, small_args
 from test_wiring import record, world  # noqa: F401  (world: the recorder's fixture)
 
@@ -14,14 +13,6 @@ import curriculum
 import grpo
 import model as M
 import train
-
-
-@dataclass
-class R:
-    total: float
-    format: float = 0.0
-    correctness: float = 0.0
-    detail: float = 0.0
 
 
 class Rewards:

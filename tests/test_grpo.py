@@ -2,26 +2,16 @@
 grpo_step's bookkeeping, and a learning test on the real code path."""
 import math
 import time
-from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import colour_samples, fresh, text_samples
+from conftest import R, colour_samples, fresh, text_samples
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import grpo
 import model as M
 import precision
-
-
-@dataclass
-class R:
-    total: float
-    format: float = 0.0
-    correctness: float = 0.0
-    detail: float = 0.0
-    weight: float = 1.0
 
 
 # ----------------------------------------------------------------------------- advantages, KL, loss

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_train import ROOT, comparable, rows, small_args
+from test_train import ROOT, comparable, kill_script, rows, small_args
 
 import lora
 import model as M
@@ -19,18 +19,7 @@ import train
 LORA = ["--stage", "planning", "--max-steps-per-stage", "4", "--save-every", "2", "--eval-samples", "2",
         "--lora-rank", "4", "--kl-coef", "0.1"]
 
-KILL_AT_STEP_3 = """
-import os, signal, sys
-import train
-real, calls = train.grpo.grpo_step, []
-def step(*a, **kw):
-    calls.append(1)
-    if len(calls) == 3:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return real(*a, **kw)
-train.grpo.grpo_step = step
-train.main(sys.argv[1:])
-"""
+KILL_AT_STEP_3 = kill_script(3)
 
 
 def test_lora_run_trains_only_the_adapters_and_resumes_exactly(tmp_path):

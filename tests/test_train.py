@@ -89,20 +89,26 @@ def test_all_stages_in_order_and_checkpoint_loads_in_transformers(tmp_path, monk
     assert set(initial) == set(want) and any(not torch.equal(initial[k], want[k]) for k in want)
 
 
-# The killed run: train.py in a child process that SIGKILLs itself as its 6th GRPO step begins, so exactly
-# 5 metric lines are written and the latest checkpoint is step 4 (--save-every 2): a deterministic kill -9.
-KILL_AT_STEP_6 = """
+def kill_script(step: int, rank: int = 0) -> str:
+    """Python source that runs train.py (its argv) and SIGKILLs the process of `rank` as its `step`-th GRPO step
+    begins: a deterministic kill -9 (the metric lines and the latest checkpoint before it are known)."""
+    return f"""
 import os, signal, sys
-import train
+import distributed, train
 real, calls = train.grpo.grpo_step, []
 def step(*a, **kw):
     calls.append(1)
-    if len(calls) == 6:
+    if len(calls) == {step} and distributed.rank() == {rank}:
         os.kill(os.getpid(), signal.SIGKILL)
     return real(*a, **kw)
 train.grpo.grpo_step = step
 train.main(sys.argv[1:])
 """
+
+
+# The killed run: train.py in a child process that SIGKILLs itself as its 6th GRPO step begins, so exactly
+# 5 metric lines are written and the latest checkpoint is step 4 (--save-every 2).
+KILL_AT_STEP_6 = kill_script(6)
 
 
 def test_resume_after_kill_reproduces_the_uninterrupted_run(tmp_path):
