@@ -4,7 +4,7 @@
     python train.py ...                                              # one process: everything here is a no-op
 
 Each rank takes a disjoint share of the step's prompts, samples whole groups, scores them and computes its
-groups' advantages; the loss is divided by the whole batch's normaliser (`all_sum` of the token or response
+groups' advantages (the batch-wide estimators, REINFORCE++, take their statistics over every rank); the loss is divided by the whole batch's normaliser (`all_sum` of the token or response
 counts), and the gradients are summed over ranks, so the update equals the one-process update on the same
 rollouts. The policy and the reference are sharded with `fully_shard` (decoder layers, vision blocks, then
 the root), so each GPU holds 1/N of the weights, gradients and optimizer state.
