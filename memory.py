@@ -26,6 +26,15 @@ the CUDA context / allocator fragmentation (~1-3 GiB) are left out; with gpus > 
 evenly over the GPUs. `peak` = static + max(phases) is an upper bound: in the rollout the gradients are
 already freed (zero_grad(set_to_none=True)).
 
+LoRA (`plan(..., lora_rank=r)`, train.py --lora-rank; one GPU): the static part is the frozen base, 2 bytes x
+params in bf16 (with `qlora`: NF4_BYTES per quantized weight, i.e. the linear layers of the language model and
+the vision tower, bf16 for the rest, + `dequant`, the bf16 copy of the largest linear weight that
+bitsandbytes' matmul_4bit makes), the float32 `adapters` (r (in + out) per projection, `lora_params`), their
+float32 gradients and AdamW moments; no reference copy (pi_ref = adapters disabled) and no base gradients.
+The phases are the ones above (backward still runs through the frozen base), less the head's [vocab, hidden]
+weight-gradient (frozen), plus the adapters' own activations (`_adapter_bytes`). `fit_micro_batch` picks the
+largest micro-batch that fits a card, `table` adds LoRA / QLoRA rows per card size (LORA_CARDS).
+
 `self_check` builds a Qwen2 text model with real widths, runs real grpo_step's in a subprocess and compares
 the peak RSS increase over the pre-model baseline with `plan` for the same shape and batch.
 """
@@ -39,8 +48,27 @@ import sys
 import precision
 
 GiB = 2**30
-USABLE_GIB = 78.0  # of an 80 GB GPU
+# A card sold as N GB holds ~N GiB (GPU memory is binary: nvidia-smi shows 24,564 MiB on a 24 GB RTX 4090,
+# 81,559 MiB on an 80 GB H100); the plan keeps CONTEXT_GIB of it for the CUDA context and allocator slack.
+CONTEXT_GIB = 2.0
+
+
+def card_usable_gib(card_gb: float) -> float:
+    """GiB a step may use on a card of `card_gb` GB: the card's GiB less CONTEXT_GIB (80 GB: 78)."""
+    return card_gb - CONTEXT_GIB
+
+
+USABLE_GIB = card_usable_gib(80)  # 78.0, of an 80 GB GPU
 PAPER = dict(prompts=16, group_size=8, prompt_len=1300, response_len=2048, micro_batch=8)
+# LoRA / QLoRA rows (lora.py, train.py --lora-rank / --qlora): one GPU of each of these sizes (GB), adapters of
+# rank LORA_RANK, and the largest micro-batch of MICRO_BATCHES (tried in this order) that fits the card.
+LORA_CARDS, LORA_RANK, MICRO_BATCHES = (24, 48, 80), 64, (8, 4, 2, 1)
+# QLoRA's frozen base: bitsandbytes NF4 with double quantisation: 4 bits per weight, one absmax per block of 64
+# weights, itself quantised to 8 bits with one float32 constant per 256 absmax (+ a few scalars per tensor, left
+# out): 0.5 + 1/64 + 4/(64*256) = 0.515869140625 bytes per quantised weight. Only nn.Linear weights are quantised
+# (the language model's projections and the vision tower's); embeddings, the LM head, norms, biases and the
+# vision patch embedding (a Conv3d) stay bf16.
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 # Bytes per slice element of AdamWSR's step temporaries at their peak. float32 moments: the float32 gradient,
 # sqrt(v), the new weight, the rounding noise and the rounded bits (4 each). 8-bit moments, while sqrt(v) is
 # re-quantized: the gradient, m, v, sqrt(v) (4 each) + quantize_blockwise's padded copy, scaled values and
@@ -61,14 +89,48 @@ def lm_params(s: dict) -> int:
     return s["layers"] * _layer_params(s) + s["hidden"] + s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
 
 
+def projections(s: dict) -> list[tuple[int, int]]:
+    """(in, out) of one decoder layer's q, k, v, o, gate, up and down projections (lora.DEFAULT_TARGETS)."""
+    h, i, kv = s["hidden"], s["intermediate"], s["kv_heads"] * s["hidden"] // s["heads"]
+    return [(h, h), (h, kv), (h, kv), (h, h), (h, i), (h, i), (i, h)]
+
+
+def lora_params(s: dict, rank: int) -> int:
+    """Adapter parameters of lora.add_lora's default targets: A [rank, in] + B [out, rank] per projection."""
+    return s["layers"] * sum(rank * (i + o) for i, o in projections(s))
+
+
+def quantized_params(s: dict) -> int:
+    """Weights QLoRA stores in NF4: the language model's projections and the vision tower's linear layers."""
+    return s["layers"] * sum(i * o for i, o in projections(s)) + s.get("vision_linear", 0)
+
+
+def base_weight_bytes(s: dict, qlora: bool) -> float:
+    """The frozen LoRA base: every parameter in bf16; QLoRA: the quantized ones in NF4 (NF4_BYTES), the rest bf16."""
+    q = quantized_params(s) if qlora else 0
+    return q * NF4_BYTES + (s["params"] - q) * 2
+
+
+def _vision_linears(out_hidden: int) -> list[tuple[int, int, int]]:
+    """(in, out, count) of the Qwen2.5-VL vision tower's nn.Linear layers (bench._VISION): per block qkv, proj,
+    gate, up, down; then the patch merger's two-layer MLP over 2x2 merged patches into the LM's width."""
+    import bench
+
+    v = bench._VISION
+    d, i, n, m = v["hidden_size"], v["intermediate_size"], v["depth"], v["hidden_size"] * v["spatial_merge_size"] ** 2
+    return [(d, 3 * d, n), (d, d, n), (d, i, n), (d, i, n), (i, d, n), (m, m, 1), (m, out_hidden, 1)]
+
+
 def shape_of(arch: str) -> dict:
     """The shape dict of Qwen2.5-VL-3B / 7B (bench.QWEN25_VL, parameters counted on the meta device)."""
     import bench
 
     a, c = bench.QWEN25_VL[arch], bench.count_shape_params(arch)
+    vision = _vision_linears(a["hidden_size"])
     return dict(layers=a["num_hidden_layers"], hidden=a["hidden_size"], intermediate=a["intermediate_size"],
                 heads=a["num_attention_heads"], kv_heads=a["num_key_value_heads"], vocab=a["vocab_size"],
-                tied=a["tie_word_embeddings"], vision_params=c["vision_params"], params=c["params"])
+                tied=a["tie_word_embeddings"], vision_params=c["vision_params"], params=c["params"],
+                vision_linear=sum(i * o * n for i, o, n in vision), vision_largest=max(i * o for i, o, _ in vision))
 
 
 def _layer_grad_bytes(s: dict, tokens: int, c: int, r: int) -> int:
@@ -78,6 +140,17 @@ def _layer_grad_bytes(s: dict, tokens: int, c: int, r: int) -> int:
     attn = c * (5 * h + 4 * kv)  # q k v, rotary outputs, attention output, o_proj input
     mlp = 4 * c * i + 2 * c * i  # gate, up, act, act*up; backward grads of two of them
     return tokens * (norms + attn + mlp + 2 * r * h)  # + the incoming / outgoing hidden gradient
+
+
+def _adapter_bytes(s: dict, tokens: int, rank: int, grad: bool) -> int:
+    """What lora.LoraLinear adds to one decoder layer over `tokens` tokens: the widest adapter's float32 B output
+    and its scaled copy (8 x intermediate bytes a token, a transient, in forward and again in backward); with
+    grad also what autograd saves for the adapters' weight gradients: each adapter's float32 copy of its input
+    (q, k, v, and gate, up cast their shared input separately: 6 of width hidden, down's of width intermediate)
+    and A's float32 output (rank wide, 7 of them)."""
+    h, i = s["hidden"], s["intermediate"]
+    saved = 4 * (6 * h + i) + 7 * 4 * rank if grad else 0
+    return tokens * (8 * i + saved)
 
 
 def _layer_nograd_bytes(s: dict, tokens: int, c: int, r: int) -> int:
@@ -95,38 +168,61 @@ def _head_chunk_bytes(s: dict, rows: int) -> int:
     return min(rows, max(1, (1 << 26) // s["vocab"])) * s["vocab"] * 4
 
 
+STATIC = ("weights", "adapters", "gradients", "optimizer", "reference", "gathered", "dequant")  # held throughout
+PHASES = ("rollout_kv", "prefill", "reference_pass", "logprob", "optimizer_step")  # one at a time
+
+
 def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, group_size: int, prompt_len: int,
          response_len: int, micro_batch: int, decode_chunk: int, gradient_checkpointing: bool = True,
-         moments_bytes: int | None = None, foreach: bool = True) -> dict:
-    """Bytes per GPU of each part of one GRPO step and the `peak` (module docstring)."""
+         moments_bytes: int | None = None, foreach: bool = True, lora_rank: int = 0, qlora: bool = False) -> dict:
+    """Bytes per GPU of each part of one GRPO step and the `peak` (module docstring). `lora_rank` > 0: LoRA
+    (train.py --lora-rank, one GPU, scheme 'plain': the frozen base in bf16, or in NF4 with `qlora`)."""
     s, P, G = shape, shape["params"], group_size
     b = precision.bytes_per_param(scheme, eight_bit)
     if moments_bytes is not None:  # e.g. torch AdamW on bf16 weights keeps bf16 moments: 4
         b["moments"] = moments_bytes
     c = 4 if scheme == "float32" else 2  # compute (matmul output) dtype
     r = b["weights"]  # residual stream dtype = weights dtype
-    out = {k: P * b[v] / gpus for k, v in (("weights", "weights"), ("gradients", "grads"),
-                                           ("optimizer", "moments"), ("reference", "reference"))}
+    if lora_rank:  # the base frozen (no gradients, no moments), the reference = adapters disabled (no copy)
+        if gpus != 1 or scheme != "plain":
+            raise ValueError("LoRA plans are for one GPU and scheme 'plain' (train.py: a bf16 base, no master copy)")
+        A = lora_params(s, lora_rank)  # float32 adapters, their float32 gradients and AdamW moments
+        out = dict(weights=base_weight_bytes(s, qlora), adapters=4 * A, gradients=4 * A, optimizer=A * b["moments"],
+                   reference=0)
+        # QLoRA: bitsandbytes' matmul_4bit dequantizes the weight it multiplies into bf16 (forward and backward)
+        out["dequant"] = 2 * max(max(i * o for i, o in projections(s)), s.get("vision_largest", 0)) if qlora else 0
+    elif qlora:
+        raise ValueError("qlora needs lora_rank > 0")
+    else:
+        out = {k: P * b[v] / gpus for k, v in (("weights", "weights"), ("gradients", "grads"),
+                                               ("optimizer", "moments"), ("reference", "reference"))}
+        out["adapters"] = out["dequant"] = 0
     prompts_here = math.ceil(prompts / gpus)
     chunk = min(decode_chunk, prompts_here)
     rows, seq = chunk * G, prompt_len + response_len
     out["rollout_kv"] = _kv_bytes(s, rows, seq, c) + _kv_bytes(s, chunk, prompt_len, c) + 5 * rows * s["vocab"] * 4
     out["prefill"] = _layer_nograd_bytes(s, chunk * prompt_len, c, r) + _kv_bytes(s, chunk, prompt_len, c)
+    if lora_rank:  # the rollout runs the adapters (the reference pass does not: adapters disabled)
+        out["prefill"] += _adapter_bytes(s, chunk * prompt_len, lora_rank, grad=False)
     mb = min(micro_batch, prompts_here * G)
     out["reference_pass"] = (_kv_bytes(s, mb, seq, c) + _layer_nograd_bytes(s, mb * response_len, c, c)
                              + 2 * mb * response_len * s["hidden"] * c + _head_chunk_bytes(s, mb * response_len))
     tokens = mb * seq
     boundaries = (s["layers"] + 1) * tokens * s["hidden"] * r  # checkpoint inputs + the final norm's output
     layers = 1 if gradient_checkpointing else s["layers"]
-    head = 3 * _head_chunk_bytes(s, mb * response_len) + 4 * s["vocab"] * s["hidden"] + mb * response_len * s["hidden"] * (r + c)
+    head_grad = 0 if lora_rank else 4 * s["vocab"] * s["hidden"]  # LoRA: the head is frozen, no weight-gradient
+    head = 3 * _head_chunk_bytes(s, mb * response_len) + head_grad + mb * response_len * s["hidden"] * (r + c)
     out["logprob"] = boundaries + layers * _layer_grad_bytes(s, tokens, c, r) + head
+    if lora_rank:  # backward still runs through the frozen base to reach the adapters: the same terms, plus theirs
+        out["logprob"] += layers * _adapter_bytes(s, tokens, lora_rank, grad=True)
     if gpus > 1:  # FSDP2: the gathered root (+ two layers) in bf16; the root's gradient unsharded, then float32 to reduce
         root = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
         out["gathered"] = 2 * (root + 2 * _layer_params(s))
         out["logprob"] += 6 * root
     else:
         out["gathered"] = 0
-    largest = s["vocab"] * s["hidden"]
+    trained = lora_params(s, lora_rank) if lora_rank else P / gpus
+    largest = lora_rank * s["intermediate"] if lora_rank else s["vocab"] * s["hidden"]
     if scheme == "stochastic":  # AdamWSR, a slice at a time
         out["optimizer_step"] = ADAMWSR_SLICE_BYTES[eight_bit] * min(precision.SLICE, largest)
     elif eight_bit:
@@ -134,17 +230,17 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
     elif not foreach:
         out["optimizer_step"] = largest * b["moments"] // 2  # single-tensor AdamW: one denominator
     else:
-        out["optimizer_step"] = 4 * P / gpus  # foreach sqrt of the float32 second moments
-    phases = ("rollout_kv", "prefill", "reference_pass", "logprob", "optimizer_step")
-    out["peak"] = sum(out[k] for k in ("weights", "gradients", "optimizer", "reference", "gathered")) + max(out[k] for k in phases)
+        out["optimizer_step"] = 4 * trained  # foreach sqrt of the float32 second moments
+    out["peak"] = sum(out[k] for k in STATIC) + max(out[k] for k in PHASES)
     out["decode_chunk"] = chunk
     return out
 
 
 def auto_chunk(shape: dict, scheme: str, eight_bit: bool, gpus: int, usable_gib: float = USABLE_GIB, **batch) -> int:
-    """grpo.auto_decode_chunk's choice: prompts whose expanded KV cache fits half the memory left free."""
+    """grpo.auto_decode_chunk's choice: prompts whose expanded KV cache fits half the memory left free (of
+    `usable_gib`, the card's; `batch` may carry plan's lora_rank / qlora)."""
     p = plan(shape, scheme, eight_bit, gpus, decode_chunk=1, **batch)
-    static = sum(p[k] for k in ("weights", "gradients", "optimizer", "reference"))
+    static = sum(p[k] for k in STATIC if k != "gathered")
     per_prompt = _kv_bytes(shape, batch["group_size"], batch["prompt_len"] + batch["response_len"], 2)
     free = max(0.0, usable_gib * GiB - static)
     return max(1, min(math.ceil(batch["prompts"] / gpus), int(0.5 * free // per_prompt)))
@@ -160,12 +256,34 @@ SCHEMES = (("master", False), ("master+8bit", True), ("stochastic", False), ("st
 RECOMMENDED = {("7b", "stochastic+8bit", 1): dict(micro_batch=4)}
 
 
-def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABLE_GIB) -> list[dict]:
-    """Rows (arch, scheme, gpus, micro_batch, peak GiB, fits, parts) at the paper preset, plus a row for
-    each RECOMMENDED departure from it (`recommended`: True)."""
-    rows = []
-    for arch in archs:
-        s = shape_of(arch)
+def fit_micro_batch(shape: dict, usable_gib: float, micro_batches=MICRO_BATCHES, scheme: str = "plain",
+                    eight_bit: bool = False, gpus: int = 1, **batch) -> tuple[int, dict, bool]:
+    """The first micro-batch of `micro_batches` (largest first) whose plan, with auto_chunk's decode chunk for
+    `usable_gib`, fits it: (micro_batch, plan, True); if none does, the last one tried with fits False.
+    `batch`: PAPER's other settings, and plan's lora_rank / qlora."""
+    for mb in micro_batches:
+        b = {**batch, "micro_batch": mb}
+        p = plan(shape, scheme, eight_bit, gpus, decode_chunk=auto_chunk(shape, scheme, eight_bit, gpus, usable_gib, **b), **b)
+        if p["peak"] <= usable_gib * GiB:
+            return mb, p, True
+    return mb, p, False
+
+
+def _row(arch: str, scheme: str, gpus: int, micro_batch: int, p: dict, usable: float, **extra) -> dict:
+    return dict(arch=arch, scheme=scheme, gpus=gpus, card_gb=round(usable + CONTEXT_GIB), usable_gib=usable,
+                micro_batch=micro_batch, **extra, peak_gib=round(p["peak"] / GiB, 1), fits=p["peak"] <= usable * GiB,
+                parts_gib={k: round(v / GiB, 2) for k, v in p.items() if k not in ("peak", "decode_chunk")},
+                decode_chunk=p["decode_chunk"])
+
+
+def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABLE_GIB, cards=LORA_CARDS,
+          lora_rank: int = LORA_RANK) -> list[dict]:
+    """Rows (arch, scheme, gpus, card_gb, micro_batch, peak GiB, fits, parts) at the paper preset, plus a row for
+    each RECOMMENDED departure from it (`recommended`: True); then, for each card size in `cards` (GB), LoRA
+    and QLoRA rows (scheme 'lora' / 'qlora', adapters of rank `lora_rank`, one GPU) at the largest micro-batch
+    of MICRO_BATCHES that fits card_usable_gib(card) (fits False: not even 1)."""
+    rows, shapes = [], {arch: shape_of(arch) for arch in archs}
+    for arch, s in shapes.items():
         for name, eight in SCHEMES:
             scheme = name.split("+")[0]
             for g in gpu_counts:
@@ -173,11 +291,15 @@ def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABL
                 for batch in [PAPER] + ([{**PAPER, **extra}] if extra else []):
                     chunk = auto_chunk(s, scheme, eight, g, usable_gib, **batch)
                     p = plan(s, scheme, eight, g, decode_chunk=chunk, **batch)
-                    rows.append(dict(arch=arch, scheme=name, gpus=g, micro_batch=batch["micro_batch"],
-                                     recommended=batch is not PAPER, peak_gib=round(p["peak"] / GiB, 1),
-                                     fits=p["peak"] <= usable_gib * GiB, implemented=g == 1 or name == "master",
-                                     parts_gib={k: round(v / GiB, 2) for k, v in p.items() if k not in ("peak", "decode_chunk")},
-                                     decode_chunk=p["decode_chunk"]))
+                    rows.append(_row(arch, name, g, batch["micro_batch"], p, usable_gib, lora_rank=0,
+                                     recommended=batch is not PAPER, implemented=g == 1 or name == "master"))
+    for arch, s in shapes.items():
+        for name in ("lora", "qlora"):
+            for card in cards:
+                batch = {k: v for k, v in PAPER.items() if k != "micro_batch"}
+                mb, p, _ = fit_micro_batch(s, card_usable_gib(card), lora_rank=lora_rank, qlora=name == "qlora", **batch)
+                rows.append(_row(arch, name, 1, mb, p, card_usable_gib(card), lora_rank=lora_rank, recommended=False,
+                                 implemented=True))
     return rows
 
 
@@ -187,15 +309,25 @@ def print_table(rows: list[dict]) -> None:
           f"{USABLE_GIB:.0f} GiB usable. gpus > 1: weights/grads/optimizer/reference sharded by FSDP2 under "
           "torchrun (train.py runs that for `master`; impl. no: a plan only). mb: micro-batch (* = RECOMMENDED, "
           "not the paper's).")
-    print(f"{'model':6} {'scheme':16} {'gpus':>4} {'mb':>3} {'static':>7} {'rollout':>8} {'logprob':>8} "
-          f"{'opt.step':>8} {'peak GiB':>9} fits impl.")
+    head = (f"{'model':6} {'scheme':16} {'gpus':>4} {'mb':>3} {'static':>7} {'rollout':>8} {'logprob':>8} "
+            f"{'opt.step':>8} {'peak GiB':>9} fits")
+    print(head + " impl.")
+    lora = [r for r in rows if r["lora_rank"]]
     for r in rows:
+        if r is (lora or [None])[0]:
+            print(f"LoRA (lora.py, train.py --lora-rank {r['lora_rank']}; qlora: + --qlora, the base in NF4) on ONE GPU "
+                  f"of `card` GB, {CONTEXT_GIB:.0f} GiB of it kept for the CUDA context: the frozen base in bf16 / NF4, "
+                  f"rank-{r['lora_rank']} float32 adapters on q,k,v,o,gate,up,down + their gradients and AdamW moments, "
+                  f"no reference copy (adapters disabled); mb: the largest of {MICRO_BATCHES} that fits (fits no: "
+                  "none does).")
+            print(head.replace(f"{'gpus':>4}", f"{'card':>4}") + " usable")
         p = r["parts_gib"]
-        static = p["weights"] + p["gradients"] + p["optimizer"] + p["reference"] + p["gathered"]
+        static = sum(p[k] for k in STATIC)
         mb = f"{r['micro_batch']}{'*' if r['recommended'] else ''}"
-        print(f"{r['arch']:6} {r['scheme']:16} {r['gpus']:>4} {mb:>3} {static:7.1f} {p['rollout_kv']:8.1f} "
-              f"{p['logprob']:8.1f} {p['optimizer_step']:8.1f} {r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no ':4} "
-              f"{'yes' if r['implemented'] else 'no'}")
+        last = f"{r['usable_gib']:.0f}" if r["lora_rank"] else ("yes" if r["implemented"] else "no")
+        print(f"{r['arch']:6} {r['scheme']:16} {r['card_gb'] if r['lora_rank'] else r['gpus']:>4} {mb:>3} "
+              f"{static:7.1f} {p['rollout_kv']:8.1f} {p['logprob']:8.1f} {p['optimizer_step']:8.1f} "
+              f"{r['peak_gib']:9.1f} {'yes' if r['fits'] else 'no ':4} {last}")
     print(json.dumps({"memory_plan": rows}))
 
 
