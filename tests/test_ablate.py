@@ -97,8 +97,10 @@ def test_table_rows_columns_and_values_by_hand(ablation):
             assert final[col] == expect(vals, True), col
         else:  # a kind missing from a seed's 4 questions: the mean of the others, saying how many
             assert final[col].endswith(f"(n={sum(v is not None for v in vals)})") or final[col] == "–", col
-    for r in results["rl-baseline"] + results["rewardmap"]:
-        assert r["final"]["n"] == 4
+    for base, rm in zip(results["rl-baseline"], results["rewardmap"]):  # every row of a seed: the same questions
+        assert base["final"]["n"] == 4 and rm["final"]["ids"] == base["final"]["ids"]
+    assert [sorted(r["final"]["ids"]) for r in results["rl-baseline"]] == \
+        [sorted(x["id"] for x in e["records"]) for e in evals("rl-baseline", "all")]
     assert (out / "ablation.png").stat().st_size > 10_000
 
 
