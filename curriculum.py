@@ -126,9 +126,11 @@ def with_replay(steps: list[list[T]], earlier: Sequence[T], fraction: float, see
 
     The earlier questions come in a seeded shuffled order, cycling, so each comes back about equally often;
     the stage's own questions are all kept (one pass, as before). `fraction` 0 or no earlier stage: unchanged.
-    Not in the paper, and off by default (`--replay`): on the tiny default, 0.25 kept yes/no answers alive
-    after planning (held-out TorF 0% -> 48%) but stalled the counting stage, whose batches then rewarded
-    the replayed yes/no answers (counting 13% -> 0%)."""
+    Not in the paper, and off by default (`--replay`): the tiny default's policy gives one answer to every
+    question, whatever its type (docs/rewardmap.md §5), so replay only changes which answer survives. 0.25
+    kept yes/no answers after planning (held-out TorF 0% -> 48%) but stalled the counting stage, whose
+    batches then rewarded the replayed yes/no answers (counting 13% -> 0%); 0.25 in the planning stage
+    alone left 0% on every type."""
     if not steps or not earlier or fraction <= 0:
         return steps
     pool = list(earlier)
