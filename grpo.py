@@ -206,9 +206,7 @@ def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int,
                  for start in range(0, B, chunk)]
     finally:
         model.train(was_training)
-    T = max(p["tokens"].shape[1] for p in parts)
-    cat = lambda key, fill: torch.cat([torch.nn.functional.pad(p[key], (0, T - p[key].shape[1]), value=fill)  # noqa: E731
-                                       for p in parts])
+    cat = lambda key, fill: _pad_cat([p[key] for p in parts], fill)  # noqa: E731
     tokens, mask = cat("tokens", policy.pad_id), cat("mask", 0.0)
     lengths = mask.sum(1).long().tolist()
     texts = policy.tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)], skip_special_tokens=True)
@@ -553,9 +551,11 @@ def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[st
     are this rank's; everything else is over the whole batch, gathered from every rank in rank order).
     `sampling`: dynamic sampling's counts (sampling/drawn, sampling/dropped and tokens/completion over every
     round); the rewards and the rollout are the trained batch's."""
-    every = lambda t: torch.cat(gather(t.detach().cpu()))  # noqa: E731
-    rewards = {k: every(v) for k, v in rewards.items()}
-    lengths, finished = every(rollout.response_mask.sum(1)), every(rollout.finished)
+    mine = {**rewards, "lengths": rollout.response_mask.sum(1), "finished": rollout.finished}
+    parts = gather({k: v.detach().cpu() for k, v in mine.items()})  # one exchange for all of them
+    whole = {k: torch.cat([part[k] for part in parts]) for k in mine}
+    lengths, finished = whole.pop("lengths"), whole.pop("finished")
+    rewards = whole
     entropy_sum = all_sum(float((rollout.entropy * rollout.response_mask).sum()))[0]
     total, n_rows = rewards["total"], len(lengths)
     m = {f"reward/{k}": float(v.mean()) for k, v in rewards.items()}
