@@ -60,7 +60,11 @@ def setup() -> torch.device | None:
 
 
 def teardown() -> None:
+    """Leave the process group once every rank is here. Without it the group is destroyed at interpreter exit,
+    and a rank that finished first can abort ("terminate called without an active exception") while rank 0
+    still writes the model."""
     if dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -562,8 +562,11 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    """The command line: flags -> TrainConfig -> train."""
-    return train(parse_args(argv))
+    """The command line: flags -> TrainConfig -> train (under torchrun: then every rank leaves the group together;
+    on an error the rank exits and torchrun stops the others)."""
+    summaries = train(parse_args(argv))
+    distributed.teardown()
+    return summaries
 
 
 if __name__ == "__main__":
