@@ -24,6 +24,18 @@ from torch import Tensor, nn
 # the language model's attention and MLP projections (Qwen2 / Qwen2.5-VL names), as in the QLoRA paper's "all
 # linear layers" setting minus the LM head; add the spec "visual" (or "visual.<name>") for the vision tower
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def default_targets(model: str) -> tuple[str, ...]:
+    """`--lora-targets`' default for a policy (train.py's --model): `DEFAULT_TARGETS`, and for the project's own
+    tiny model ("tiny") also its LM head, "lm_head". The tiny model starts from random weights: its tied head
+    rows have norm ~0.16 behind the final RMSNorm, which caps every token's probability near 0.4% whatever the
+    decoder computes (a supervised probe with adapters on the projections alone stops at p = 0.0036; with the
+    head adapted too it reaches 0.97 in 30 steps), so GRPO could not make an answer likely. A pretrained head
+    already can, so real checkpoints keep the usual projections-only default."""
+    return DEFAULT_TARGETS + ("lm_head",) if model == "tiny" else DEFAULT_TARGETS
+
+
 VISION_TOWERS = ("visual", "vision_tower", "vision_model")  # module names of a VLM's vision encoder
 CONFIG_FILE, WEIGHTS_FILE = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # peft's key prefix: PeftModel.base_model (LoraModel).model (the HF model)
@@ -105,7 +117,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS,
     if lora_layers(model):
         raise ValueError("the model already has LoRA adapters (merge_lora them first, or load_adapter into it)")
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = []
     for spec in targets:
         hits = [n for n in linears if _matches(n, spec)]
@@ -113,9 +124,6 @@ def add_lora(model: nn.Module, rank: int, alpha: float, targets=DEFAULT_TARGETS,
             leaves = sorted({n.rpartition(".")[2] for n in linears if not _in_vision_tower(n)})
             raise ValueError(f"LoRA target {spec!r} matches no linear layer of {type(model).__name__} (language-model "
                              f"layer names: {', '.join(leaves)}; 'visual' or 'visual.<name>' for the vision tower)")
-        if head is not None and any(model.get_submodule(n) is head for n in hits):
-            raise ValueError(f"LoRA target {spec!r} names the LM head: model.head_logprobs reads its weight directly, "
-                             "so an adapter there would be ignored")
         names += [n for n in hits if n not in names]
     return _wrap(model, names, rank, alpha, seed)
 
@@ -219,17 +227,30 @@ def load_adapter(model: nn.Module, folder: str | Path) -> list[str]:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold each adapter into its base weight, W0 += (alpha / r) B A (in float32, then cast back to W0's dtype),
     and put the plain base layers back: a model that `save_pretrained` writes and plain transformers loads.
-    Its parameters stay frozen. A 4-bit base cannot take the update: reload the base in bf16 and merge there."""
+    Its parameters stay frozen. A 4-bit base cannot take the update: reload the base in bf16 and merge there.
+    An adapted LM head tied to the input embedding is untied first (its own copy of the weight, and the config's
+    tie_word_embeddings off), so the merge changes the head's weight and not the embedding's."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
     for name, layer in lora_layers(model).items():
         w = layer.base_layer.weight
         if not w.dtype.is_floating_point:
             raise ValueError(f"merge_lora: {name} has a {type(layer.base_layer).__name__} base of dtype {w.dtype} "
                              "(a QLoRA 4-bit base); load the base in bf16, load_adapter, then merge_lora")
+        if w is embedding:
+            w = layer.base_layer.weight = nn.Parameter(w.detach().clone(), requires_grad=False)
+            _untie(model.config)
         with torch.no_grad():
             delta = layer.scaling * (layer.lora_B.weight.float() @ layer.lora_A.weight.float())
             w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
         _replace(model, name, layer.base_layer)
     return model
+
+
+def _untie(config) -> None:
+    """tie_word_embeddings off in a config and its text config (a VLM's LM head setting lives in either)."""
+    for c in (config, getattr(config, "text_config", None)):
+        if c is not None and getattr(c, "tie_word_embeddings", False):
+            c.tie_word_embeddings = False
 
 
 def check_qlora(device: str | torch.device) -> None:

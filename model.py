@@ -409,62 +409,93 @@ def forward_hidden(model: nn.Module, batch: dict, cache=None, use_cache: bool = 
 
 
 class _HeadLogProbs(torch.autograd.Function):
-    """log p(token) = (h W^T)[token] - logsumexp(h W^T) from hidden states h [R, H] and the LM head W [V, H],
+    """log p(token) = z[token] - logsumexp(z) with z = h W^T (+ s (h A^T) B^T for a LoRA adapter on the head) from
+    hidden states h [R, H], the LM head W [V, H] and, when given, the adapter A [r, H], B [V, r] and scale s,
     `chunk` rows at a time, and (when asked) the entropy of each row's distribution.
 
-    The LM head and the log-softmax are computed together: forward keeps only h, W and per-row values; backward
-    recomputes one chunk's logits at a time, so no [rows, vocab] tensor ever exists beyond one chunk (at 7B a
-    micro-batch's logits would be [8, 2049, 152064] = 4.6 GiB in bf16). Gradients: with dz = g (onehot - p)
-    (- g_H p (log p + H) for the entropy), dh = dz W and dW = dz^T h, accumulated over chunks in float32.
+    The LM head and the log-softmax are computed together: forward keeps only h, W (A, B) and per-row values;
+    backward recomputes one chunk's logits at a time, so no [rows, vocab] tensor ever exists beyond one chunk (at
+    7B a micro-batch's logits would be [8, 2049, 152064] = 4.6 GiB in bf16). Gradients: with dz = g (onehot - p)
+    (- g_H p (log p + H) for the entropy), dh = dz W and dW = dz^T h, accumulated over chunks in float32; with an
+    adapter, u = h A^T: dB = s dz^T u, dA = s (dz B)^T h, and dh gains s (dz B) A. dW is only computed when W
+    trains (a frozen LoRA base never holds a [V, H] float32 gradient).
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, tokens: Tensor, chunk: int, with_entropy: bool):
+    def forward(ctx, hidden: Tensor, weight: Tensor, lora_a: Tensor | None, lora_b: Tensor | None, scale: float,
+                tokens: Tensor, chunk: int, with_entropy: bool):
         w = weight.to(hidden.dtype)
         logp, entropy = [], []
         for h, tk in zip(hidden.split(chunk), tokens.split(chunk)):
-            z = (h @ w.T).float()
+            z = _head_logits(h, w, lora_a, lora_b, scale)
             lse = z.logsumexp(-1)
             logp.append(z.gather(-1, tk[:, None]).squeeze(-1) - lse)
             if with_entropy:
                 entropy.append(lse - ((z - lse[:, None]).exp() * z).sum(-1))
         logp = torch.cat(logp)
         entropy = torch.cat(entropy) if with_entropy else logp.new_zeros(0)
-        ctx.save_for_backward(hidden, weight, tokens, entropy)
-        ctx.chunk = chunk
+        ctx.save_for_backward(hidden, weight, lora_a, lora_b, tokens, entropy)
+        ctx.chunk, ctx.scale = chunk, scale
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_entropy: Tensor):
-        hidden, weight, tokens, entropy = ctx.saved_tensors
+        hidden, weight, lora_a, lora_b, tokens, entropy = ctx.saved_tensors
         with_entropy = entropy.numel() > 0 and grad_entropy is not None
-        w = weight.to(hidden.dtype)
+        s, w = ctx.scale, weight.to(hidden.dtype)
         grad_hidden = torch.empty_like(hidden)
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        grad_a = torch.zeros_like(lora_a) if lora_a is not None else None
+        grad_b = torch.zeros_like(lora_b) if lora_b is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             h, tk, g = hidden[rows], tokens[rows], grad[rows]
-            logp = (h @ w.T).float().log_softmax(-1)
+            logp = _head_logits(h, w, lora_a, lora_b, s).log_softmax(-1)
             p = logp.exp()
             dz = -p * g[:, None]
             dz.scatter_add_(-1, tk[:, None], g[:, None])
             if with_entropy:
                 dz -= p * (logp + entropy[rows, None]) * grad_entropy[rows, None]
+            if lora_a is not None:  # the adapter's path in its own (float32) dtype, as LoraLinear computes it
+                hf, dzf = h.to(lora_a.dtype), dz.to(lora_b.dtype)
+                dzb = dzf @ lora_b
+                grad_b += s * (dzf.T @ (hf @ lora_a.T))
+                grad_a += s * (dzb.T @ hf)
             dz = dz.to(hidden.dtype)
             grad_hidden[rows] = dz @ w
-            grad_weight += (dz.T @ h).float()
-        return grad_hidden, grad_weight.to(weight.dtype), None, None, None
+            if lora_a is not None:
+                grad_hidden[rows] += (s * (dzb @ lora_a)).to(hidden.dtype)
+            if grad_weight is not None:
+                grad_weight += (dz.T @ h).float()
+        grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
+        return grad_hidden, grad_weight, grad_a, grad_b, None, None, None, None
+
+
+def _head_logits(h: Tensor, w: Tensor, lora_a: Tensor | None, lora_b: Tensor | None, scale: float) -> Tensor:
+    """One chunk's logits in float32: h W^T, plus s (h A^T) B^T with an adapter on the head."""
+    z = (h @ w.T).float()
+    if lora_a is not None:
+        z = z + scale * ((h.to(lora_a.dtype) @ lora_a.T) @ lora_b.T).float()
+    return z
 
 
 def head_logprobs(model: nn.Module, hidden: Tensor, tokens: Tensor, chunk: int | None = None,
                   with_entropy: bool = False):
     """Log-probs [N, T] (float32) of `tokens` [N, T] given the decoder's `hidden` [N, T, H] that predict
     them, through the model's LM head without materialising the [N, T, vocab] logits (`_HeadLogProbs`);
-    with `with_entropy`, the pair (logp, entropy)."""
-    weight = model.get_output_embeddings().weight
+    with `with_entropy`, the pair (logp, entropy). A LoRA adapter on the head (lora.LoraLinear) is included
+    unless it is disabled (the reference policy)."""
+    head = model.get_output_embeddings()
+    a = b = None
+    scale = 1.0
+    if isinstance(head, lora.LoraLinear):
+        if not head.disabled:
+            a, b, scale = head.lora_A.weight, head.lora_B.weight, head.scaling
+        head = head.base_layer
+    weight = head.weight
     shape, chunk = tokens.shape, _rows_per_chunk(weight.shape[0], chunk)
-    logp, entropy = _HeadLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, tokens.reshape(-1), chunk,
-                                        with_entropy)
+    logp, entropy = _HeadLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, a, b, scale,
+                                        tokens.reshape(-1), chunk, with_entropy)
     return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
 
 

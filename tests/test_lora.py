@@ -212,6 +212,40 @@ def test_merge_gives_the_adapted_model_as_a_plain_one(tiny_vlm, tmp_path):
     assert merged.dtype == torch.bfloat16 and torch.equal(merged, expected)
 
 
+def test_an_adapter_on_the_tied_lm_head(tiny_vlm, tmp_path):
+    """The LM head as a target (the tiny model's default, lora.default_targets): the fused log-prob pass and the
+    model's forward agree; peft loads it; merging unties the head from the input embedding, which stays as it was."""
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    policy = fresh(tiny_vlm)
+    inputs = batch_of(policy, tmp_path)
+    embedding = policy.model.get_input_embeddings().weight.detach().clone()
+    assert policy.model.lm_head.weight is policy.model.get_input_embeddings().weight  # tied
+    names = lora.add_lora(policy.model, RANK, ALPHA, lora.DEFAULT_TARGETS + ("lm_head",))
+    assert "lm_head" in names and isinstance(policy.model.get_output_embeddings(), lora.LoraLinear)
+    perturb_b(policy.model)
+    adapted = logits(policy.model, inputs)
+    prompts, index, ids, mask = inputs
+    batch = M.join_prompt_response(prompts, index, ids, mask)
+    fused = M.response_logprobs(policy.model, batch)
+    plain = adapted[:, -ids.shape[1] - 1:-1].log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+    assert torch.allclose(fused, plain, atol=1e-5)
+    with lora.adapters_disabled(policy.model):  # the reference: base head too
+        base = M.response_logprobs(policy.model, batch)
+    assert torch.allclose(base, M.response_logprobs(fresh(tiny_vlm).model, batch), atol=1e-6)
+    lora.save_adapter(policy.model, tmp_path / "adapter")
+    peft_model = PeftModel.from_pretrained(fresh(tiny_vlm).model, tmp_path / "adapter")
+    assert torch.allclose(logits(peft_model.get_base_model(), inputs), adapted, atol=1e-5)
+    lora.merge_lora(policy.model)
+    assert torch.equal(policy.model.get_input_embeddings().weight, embedding)
+    assert not torch.equal(policy.model.lm_head.weight, embedding) and not policy.model.config.tie_word_embeddings
+    M.save_policy(policy, tmp_path / "merged")
+    merged = AutoModelForImageTextToText.from_pretrained(tmp_path / "merged")
+    assert torch.equal(merged.get_input_embeddings().weight, embedding)
+    assert torch.allclose(logits(merged, inputs), adapted, atol=1e-5)
+
+
 def test_qlora_needs_cuda_and_bitsandbytes(monkeypatch):
     with pytest.raises(ValueError, match="--qlora needs a CUDA GPU and bitsandbytes.*cpu"):
         lora.check_qlora("cpu")
@@ -238,8 +272,6 @@ def test_bad_specs_are_named(tiny_vlm, tmp_path):
         lora.add_lora(model, RANK, ALPHA, ["q_proj", "qproj"])
     with pytest.raises(ValueError, match="LoRA target 'visual.fc1' matches no"):
         lora.add_lora(model, RANK, ALPHA, ["visual.fc1"])
-    with pytest.raises(ValueError, match="LoRA target 'lm_head' names the LM head"):
-        lora.add_lora(model, RANK, ALPHA, ["lm_head"])
     for rank in (0, -2, 1.5):
         with pytest.raises(ValueError, match=f"rank must be a positive integer, got {rank}"):
             lora.add_lora(model, rank, ALPHA)

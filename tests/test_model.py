@@ -7,6 +7,7 @@ from PIL import Image
 from conftest import colour_samples, fresh, text_samples
 
 import grpo
+import lora
 import model as M
 import precision
 
@@ -138,6 +139,32 @@ def test_fused_head_logprobs_value_and_grad():
         g2 = torch.autograd.grad(ref.sum(), (hidden, head.weight), retain_graph=True)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
     assert torch.equal(M.head_logprobs(model, hidden, tokens, chunk=3), logp)  # alone, without the entropy
+
+
+def test_fused_head_logprobs_with_a_lora_adapter_on_the_head():
+    """With a LoRA adapter on the LM head, the fused pass equals the plain log_softmax(h W^T + s (h A^T) B^T) in
+    value and in the gradients of h, A, B (and W, were it trained); a disabled adapter gives the base."""
+    g = torch.Generator().manual_seed(3)
+    head = lora.LoraLinear(torch.nn.Linear(6, 13, bias=False).double(), rank=2, alpha=6.0)
+    head.lora_A.double(), head.lora_B.double()
+    with torch.no_grad():
+        head.lora_B.weight.copy_(torch.randn(13, 2, generator=g, dtype=torch.float64))
+    model = SimpleNamespace(get_output_embeddings=lambda: head)
+    hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    tokens = torch.randint(0, 13, (2, 5), generator=g)
+    w1, w2 = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
+    logp, ent = M.head_logprobs(model, hidden, tokens, chunk=4, with_entropy=True)
+    lsm = torch.log_softmax(head(hidden), -1)  # the LoraLinear's own forward: W h + 3 B A h
+    ref_logp, ref_ent = lsm.gather(-1, tokens[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
+    assert torch.allclose(logp.double(), ref_logp, atol=1e-6) and torch.allclose(ent.double(), ref_ent, atol=1e-6)
+    params = (hidden, head.lora_A.weight, head.lora_B.weight, head.base_layer.weight)
+    g1 = torch.autograd.grad((logp * w1 + ent * w2).sum(), params, retain_graph=True)
+    g2 = torch.autograd.grad((ref_logp * w1 + ref_ent * w2).sum(), params)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2)) and g1[1].abs().sum() > 0
+    with lora.adapters_disabled(head):  # the reference policy: the base head alone
+        base = M.head_logprobs(model, hidden, tokens, chunk=4)
+    plain = torch.log_softmax(hidden @ head.base_layer.weight.T, -1).gather(-1, tokens[..., None]).squeeze(-1)
+    assert torch.allclose(base.double(), plain, atol=1e-6) and not torch.allclose(base.double(), ref_logp, atol=1e-3)
 
 
 def test_save_and_reload(tiny_vlm, tmp_path):
