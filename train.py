@@ -101,7 +101,7 @@ class TrainConfig:
     eight_bit_adam: bool = _f(False, "8-bit AdamW moments: bitsandbytes under --bf16-update master (GPU); precision.AdamWSR's own under stochastic")
     lora_rank: int = _f(0, "LoRA: train low-rank adapters of this rank instead of every weight (0: full fine-tuning)")
     lora_alpha: float = _f(0.0, "LoRA scale numerator: the update is (alpha / rank) B A (0: 2 x rank)")
-    lora_targets: str = _f(",".join(lora.DEFAULT_TARGETS), "LoRA: comma-separated layer names to adapt (the language model's; add 'visual' for the vision tower)")
+    lora_targets: str = _f("", "LoRA: comma-separated layer names to adapt (empty: the language model's attention and MLP projections, plus lm_head for the tiny model; add 'visual' for the vision tower)")
     qlora: bool = _f(False, "QLoRA: the frozen base in 4-bit NF4 (bitsandbytes, CUDA only; with --lora-rank)")
     merge_lora: bool = _f(False, "with --lora-rank: also write the adapters merged into a full model, --out/model-merged")
     # run
@@ -207,7 +207,7 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.lora_rank < 0 or cfg.lora_alpha < 0 or cfg.report_samples_every < 0:
         raise ValueError("--lora-rank, --lora-alpha and --report-samples-every must be >= 0")
     lora_only = [flag for flag, on in (("--qlora", cfg.qlora), ("--merge-lora", cfg.merge_lora),
-                                       ("--lora-targets", cfg.lora_targets != ",".join(lora.DEFAULT_TARGETS))) if on]
+                                       ("--lora-targets", bool(cfg.lora_targets))) if on]
     if lora_only and not cfg.lora_rank:
         raise ValueError(f"{', '.join(lora_only)} need --lora-rank (LoRA adapters)")
     if ranks > 1 and cfg.lora_rank:
@@ -435,7 +435,8 @@ def train(cfg: TrainConfig) -> dict:
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
     if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
-        lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank, cfg.lora_targets, seed=cfg.seed)
+        lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
+                      cfg.lora_targets or lora.default_targets(cfg.model), seed=cfg.seed)
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     earlier = {name: [s for _, part in stages[:k] for s in part] for k, (name, _) in enumerate(stages)}
     if cfg.stage != "all":

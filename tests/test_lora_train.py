@@ -37,7 +37,7 @@ def test_lora_run_trains_only_the_adapters_and_resumes_exactly(tmp_path):
     base = M.load_policy(base_path)
     trained = M.load_policy(str(exported))  # base + adapters (what eval.py --model runs/x/model loads)
     layers = lora.lora_layers(trained.model)
-    assert len(layers) == 2 * 7
+    assert len(layers) == 2 * 7 + 1 and "lm_head" in layers  # the tiny model's default adds its head (lora.default_targets)
     base_weights = base.model.state_dict()
     for name, p in trained.model.named_parameters():
         plain = name.replace(".base_layer", "")
