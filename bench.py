@@ -411,8 +411,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bf16-check", action="store_true", help="do bf16 updates at lr 1e-6 survive? (tiny model, CPU)")
     ap.add_argument("--memory-plan", action="store_true",
                     help="print the modelled peak GPU memory of a paper-preset step (memory.py: 3B/7B, schemes, 1-8 GPUs), exit")
-    ap.add_argument("--self-check", action="store_true", help="with --memory-plan: also check the model against a "
-                    "real grpo_step at 7B widths (2 layers) on CPU (~17 GiB RAM)")
+    ap.add_argument("--self-check", action="store_true", help="with --memory-plan: also check the model against "
+                    "real grpo_steps at 7B widths (2 layers) on CPU, full fine-tuning (~17 GiB RAM) and rank-64 LoRA")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     if args.memory_plan:
@@ -422,6 +422,7 @@ def main(argv=None) -> dict:
         memory.print_table(out["memory_plan"])
         if args.self_check:
             out["self_check"] = memory.self_check()
+            out["self_check_lora"] = memory.self_check(lora_rank=memory.LORA_RANK)
         return out
     if args.bf16_check:
         return bf16_check(cache_dir=args.cache_dir)

@@ -355,7 +355,12 @@ net = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementati
 net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
 policy = M._make_policy(net, tok, None, 'cpu', None, None)
 policy.suppress_ids = torch.cat([policy.suppress_ids, torch.tensor([policy.eos_id])])  # full-length responses
-ref = M.reference_model(policy)
+if s['lora_rank']:  # train.py --lora-rank: the adapters on the default targets, the reference = adapters disabled
+    import lora
+    lora.add_lora(net, s['lora_rank'], 2.0 * s['lora_rank'])
+    ref = net
+else:
+    ref = M.reference_model(policy)
 opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6, foreach=False)
 q = 'Is Alder Station on Line 2 of the metro map, and how many stations lie between Birch Station and Dove Station?'
 samples = [Sample(id=str(i), qtype='torf2', question=q, answer='no', image=None, metro={}) for i in range(s['prompts'])]
@@ -368,23 +373,26 @@ built = rss()
 for _ in range(steps):
     grpo.grpo_step(policy, ref, opt, samples, reward, gcfg, generator=torch.Generator().manual_seed(0))
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(params=sum(p.numel() for p in net.parameters()), prompt_len=prompt_len,
+print(json.dumps(dict(params=sum(p.numel() for n, p in net.named_parameters() if 'lora_' not in n), prompt_len=prompt_len,
                       base=base, built=built, peak=peak)))
 """
 
 
 def self_check(shape: dict = SEVEN_B_2L, prompts: int = 1, group_size: int = 2, response_len: int = 16,
-               micro_batch: int = 2, steps: int = 2, verbose: bool = True) -> dict:
+               micro_batch: int = 2, steps: int = 2, verbose: bool = True, lora_rank: int = 0) -> dict:
     """Run `steps` real grpo_step's (bf16 weights, torch AdamW with bf16 moments, bf16 reference) in a
-    subprocess; compare its peak RSS over the pre-model baseline with `plan` (2 steps: the second has moments)."""
+    subprocess; compare its peak RSS over the pre-model baseline with `plan` (2 steps: the second has moments).
+    `lora_rank` > 0: LoRA adapters of that rank on the default targets (float32, float32 moments), the reference
+    the same model with its adapters disabled, against plan's LoRA terms."""
     s = dict(shape, params=lm_params(shape))
+    moments = 8 if lora_rank else 4  # torch AdamW keeps moments in the parameter's dtype: float32 adapters
     need = plan(s, "plain", False, 1, prompts, group_size, 64, response_len, micro_batch, prompts,
-                moments_bytes=4, foreach=False)["peak"]
+                moments_bytes=moments, foreach=False, lora_rank=lora_rank)["peak"]
     if verbose:
         print(f"self-check: {s['params']:,} params, plan says ~{need / GiB:.1f} GiB of RAM (bf16: float32 would "
               f"need ~{s['params'] * 20 / GiB:.0f} GiB), running {steps} grpo_step in a subprocess...", flush=True)
     arg = json.dumps(dict(shape, prompts=prompts, group_size=group_size, response_len=response_len,
-                          micro_batch=micro_batch))
+                          micro_batch=micro_batch, lora_rank=lora_rank))
     done = subprocess.run([sys.executable, "-c", _MEASURE, arg, str(steps)], capture_output=True, text=True,
                           cwd=str(__import__("pathlib").Path(__file__).parent))
     if done.returncode != 0:
@@ -392,7 +400,11 @@ def self_check(shape: dict = SEVEN_B_2L, prompts: int = 1, group_size: int = 2, 
     m = json.loads(done.stdout.strip().splitlines()[-1])
     assert m["params"] == s["params"], (m["params"], s["params"])
     p = plan(s, "plain", False, 1, prompts, group_size, m["prompt_len"], response_len, micro_batch, prompts,
-             moments_bytes=4, foreach=False)
+             moments_bytes=moments, foreach=False, lora_rank=lora_rank)
+    if lora_rank:  # CPU only: ATen's bf16 linear copies a frozen weight when its input is a strided slice, as
+        # transformers' logits_to_keep hands the LM head in the rollout (+2 V H bytes; a trained weight is not copied)
+        p["rollout_kv"] += 2 * s["vocab"] * s["hidden"]
+        p["peak"] = sum(p[k] for k in STATIC) + max(p[k] for k in PHASES)
     measured = m["peak"] - m["base"]
     out = dict(params=s["params"], prompt_len=m["prompt_len"], predicted_gib=p["peak"] / GiB,
                measured_gib=measured / GiB, ratio=p["peak"] / measured,

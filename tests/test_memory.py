@@ -66,6 +66,14 @@ def test_self_check_small_shape_agrees_within_20_percent():
     assert 0.8 <= out["ratio"] <= 1.2, out
 
 
+def test_self_check_lora_agrees_within_20_percent():
+    """LoRA (rank 8, the reference = adapters disabled) against plan's LoRA terms, on a shape whose frozen base
+    (~0.65 GiB in bf16) outweighs the CPU runtime's fixed overhead. It would fail if the frozen LM head got a
+    float32 weight-gradient (+0.49 GiB here: plan counts none) or if a second copy of the model were made."""
+    out = memory.self_check(dict(memory.SMALL, hidden=2048, intermediate=5632, vocab=64000), lora_rank=8, verbose=False)
+    assert 0.8 <= out["ratio"] <= 1.2, out
+
+
 def test_stochastic_8bit_states_and_step_by_hand(seven_b):
     """bf16 weights + bf16 gradients + 8-bit moments (2 bytes + 2 float32 absmax per 256) + bf16 reference:
     8 + 8/256 bytes per parameter; AdamWSR's step temporaries: one slice of 2^24 elements x 32 bytes (the
