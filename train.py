@@ -257,6 +257,8 @@ computes, so a resumed run must keep the killed run's value, or its steps would 
 def check_resume_config(cfg: TrainConfig, saved: dict, ckpt: Path) -> None:
     """Refuse to resume with settings that differ from the checkpoint's run, naming them."""
     now = dataclasses.asdict(cfg)
+    if not saved.get("lora_rank") and saved.get("lora_targets") == ",".join(lora.DEFAULT_TARGETS):
+        saved = {**saved, "lora_targets": ""}  # full fine-tuning saved before the flag's default became empty
     same = lambda a, b: list(a) == list(b) if isinstance(b, (tuple, list)) else a == b  # noqa: E731
     differ = [f"--{k.replace('_', '-')} {saved[k]!r} -> {now[k]!r}" for k in now
               if k not in MAY_CHANGE_ON_RESUME and k in saved and not same(saved[k], now[k])]

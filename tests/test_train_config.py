@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 
+import lora
 import train
 
 
@@ -76,6 +77,8 @@ def test_out_of_range_values_are_rejected(argv):
 def test_resume_refuses_other_settings(tmp_path):
     saved = dataclasses.asdict(train.parse_args([]))
     train.check_resume_config(train.parse_args(["--eval-every", "5"]), saved, tmp_path)  # harmless change
+    # a full fine-tuning checkpoint from when --lora-targets defaulted to the projections' list resumes
+    train.check_resume_config(train.parse_args([]), {**saved, "lora_targets": ",".join(lora.DEFAULT_TARGETS)}, tmp_path)
     with pytest.raises(ValueError, match=r"--gammas \(1.0, 1.2, 1.5\) -> \(1.0, 2.0, 3.0\); --lr 0.002 -> 0.001"):
         train.check_resume_config(train.parse_args(["--lr", "1e-3", "--gammas", "1", "2", "3"]), saved, tmp_path)
 
