@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import cli
+import coldstart
 import curriculum
 import data
 import distributed
@@ -89,6 +90,7 @@ class TrainConfig:
     kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
     drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
     replay: float = _f(0.0, "share of each batch added from earlier stages' questions, against forgetting (0: none)")
+    cold_start: int = _f(0, "supervised steps on the judgement / counting answers (\\boxed{answer}) before GRPO, at --lr (0: none; coldstart.py)")
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: groups whose total rewards are all equal are replaced by groups of the stage's next prompts")
     dynamic_sampling_max_draws: int = _f(0, "dynamic sampling: extra prompts drawn per step at most (0: 3 x the batch)")
     decode_chunk: int = _f(0, "prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)")
@@ -212,6 +214,10 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"{', '.join(lora_only)} need --lora-rank (LoRA adapters)")
     if ranks > 1 and cfg.lora_rank:
         raise ValueError("--lora-rank is not supported with several processes yet (LoRA is the one-small-GPU recipe)")
+    if cfg.cold_start < 0:
+        raise ValueError("--cold-start must be >= 0")
+    if cfg.cold_start and (cfg.lora_rank or ranks > 1):  # LoRA's reference is the base: it would skip the cold start
+        raise ValueError("--cold-start is for one process and full fine-tuning (not with --lora-rank or torchrun)")
 
 
 # ------------------------------------------------------------------------------ the components' configs
@@ -436,6 +442,10 @@ def train(cfg: TrainConfig) -> dict:
         dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master" and not cfg.lora_rank
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
+    if cfg.cold_start:  # coldstart.py: before the reference is copied; --resume redoes it (seeded) for that copy
+        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.lr, seed=cfg.seed)
+        if main:
+            print(f"cold start: {cfg.cold_start} steps, answer NLL {nll[0]:.3f} -> {nll[-1]:.3f}")
     if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
         lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
                       cfg.lora_targets or lora.default_targets(cfg.model), seed=cfg.seed)

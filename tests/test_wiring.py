@@ -20,6 +20,7 @@ ELSEWHERE = {
     "max_nonfinite": "tests/test_train.py::test_nonfinite_run_is_reported_and_stopped (stops after exactly N)",
     "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
     "keep_checkpoints": "tests/test_checkpoints.py::test_keep_checkpoints_keeps_the_newest_n (the newest N stay)",
+    "cold_start": "tests/test_coldstart.py::test_train_cold_starts_the_reference_too_and_resumes_exactly (its NLL line, KL 0 at step 1)",
 }
 
 # one changed value per flag (argv), and the components that must then receive something else
