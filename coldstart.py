@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 
 import torch
+from tqdm import tqdm
 
 from model import Policy, response_logprobs
 from prompts import encode_prompts, join_prompt_response
@@ -26,9 +27,10 @@ def answer_target(sample) -> str:
     return f"\\boxed{{{sample.answer}}}"
 
 
-def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, seed: int = 0) -> list[float]:
+def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, seed: int = 0,
+               progress: bool = False) -> list[float]:
     """`steps` steps of next-token training of `policy` on `answer_target` (+ end-of-turn) of the non-planning
-    `samples`; returns each step's mean negative log-likelihood per answer token."""
+    `samples`; returns each step's mean negative log-likelihood per answer token (`progress`: a progress bar)."""
     pool = [s for s in samples if s.qtype != "planning"]
     if steps and not pool:
         raise ValueError("--cold-start: the training data has no judgement or counting questions to learn answers from")
@@ -37,6 +39,7 @@ def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int =
     was_training = policy.model.training
     policy.model.train()
     losses = []
+    bar = tqdm(total=steps, desc="cold start", dynamic_ncols=True, disable=not progress)
     for _ in range(steps):
         batch = rng.sample(pool, min(batch_size, len(pool)))
         targets = [policy.tokenizer.encode(answer_target(s), add_special_tokens=False) + [policy.eos_id] for s in batch]
@@ -50,5 +53,8 @@ def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int =
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
+        bar.update()
+        bar.set_postfix(nll=f"{losses[-1]:.3f}", refresh=False)
+    bar.close()
     policy.model.train(was_training)
     return losses

@@ -443,7 +443,7 @@ def train(cfg: TrainConfig) -> dict:
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
     if cfg.cold_start:  # coldstart.py: before the reference is copied; --resume redoes it (seeded) for that copy
-        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.lr, seed=cfg.seed)
+        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.lr, seed=cfg.seed, progress=main)
         if main:
             print(f"cold start: {cfg.cold_start} steps, answer NLL {nll[0]:.3f} -> {nll[-1]:.3f}")
     if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
