@@ -231,9 +231,14 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
         out["optimizer_step"] = largest * b["moments"] // 2  # single-tensor AdamW: one denominator
     else:
         out["optimizer_step"] = 4 * trained  # foreach sqrt of the float32 second moments
-    out["peak"] = sum(out[k] for k in STATIC) + max(out[k] for k in PHASES)
+    out["peak"] = peak(out)
     out["decode_chunk"] = chunk
     return out
+
+
+def peak(parts: dict) -> float:
+    """What is held throughout (STATIC) plus the largest of the phases, which run one at a time (PHASES)."""
+    return sum(parts[k] for k in STATIC) + max(parts[k] for k in PHASES)
 
 
 def auto_chunk(shape: dict, scheme: str, eight_bit: bool, gpus: int, usable_gib: float = USABLE_GIB, **batch) -> int:
@@ -404,7 +409,7 @@ def self_check(shape: dict = SEVEN_B_2L, prompts: int = 1, group_size: int = 2, 
     if lora_rank:  # CPU only: ATen's bf16 linear copies a frozen weight when its input is a strided slice, as
         # transformers' logits_to_keep hands the LM head in the rollout (+2 V H bytes; a trained weight is not copied)
         p["rollout_kv"] += 2 * s["vocab"] * s["hidden"]
-        p["peak"] = sum(p[k] for k in STATIC) + max(p[k] for k in PHASES)
+        p["peak"] = peak(p)
     measured = m["peak"] - m["base"]
     out = dict(params=s["params"], prompt_len=m["prompt_len"], predicted_gib=p["peak"] / GiB,
                measured_gib=measured / GiB, ratio=p["peak"] / measured,
