@@ -75,6 +75,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 """short name -> (the paper's row name, train.py flags)."""
 
+FROM_SCRATCH = ["--cold-start", "0", "--replay", "0", "--lr", "2e-3"]
+"""Every row starts GRPO from the random tiny model, without train.py's tiny defaults (train.TINY_DEFAULTS: a
+supervised cold start, a lower lr, replay): the rows compare what the rewards and the curriculum give a policy
+that knows nothing yet, and each stage's held-out accuracy is taken at the stage's end, before any forgetting.
+Extra flags (e.g. `--cold-start 800`) override these."""
+
 OWN_FLAGS = ("--seed", "--out", "--resume", "--stage", "--max-steps-per-stage", "--eval-samples", "--cache-dir",
              "--curriculum", "--no-detail-reward", "--no-difficulty-weight", "--dynamic-sampling")
 """train.py flags that ablate.py sets itself (per run or per row): not accepted as extra flags."""
@@ -88,7 +94,7 @@ RESULT = "result.json"
 
 def train_argv(row: str, seed: int, steps_per_stage: int, eval_samples: int, extra: list[str]) -> list[str]:
     """The train.py flags of one (row, seed), without --out / --cache-dir (which do not change the run)."""
-    flags = ROWS[row][1] + list(extra)
+    flags = ROWS[row][1] + FROM_SCRATCH + list(extra)
     stages = len(curriculum.stage_names(train.parse_args(flags + ["--seed", str(seed)]).curriculum))
     steps = math.ceil(steps_per_stage * FULL_STAGES / stages)  # the same number of GRPO steps for every row
     return flags + ["--seed", str(seed), "--max-steps-per-stage", str(steps), "--eval-samples", str(eval_samples)]

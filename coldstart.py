@@ -1,15 +1,18 @@
-"""A supervised cold start before GRPO (`train.py --cold-start N`; not in the paper, off by default).
+"""A supervised cold start before GRPO (`train.py --cold-start N`; not in the paper; on for the tiny default).
 
-The paper starts GRPO from Qwen2.5-VL-7B-Instruct, which already answers a yes/no question with yes or no and a
-counting question with a number. The tiny model starts from random weights and, trained by GRPO alone, ends each
-stage giving one answer to every question, whatever its type (docs/rewardmap.md §5). A cold start (as DeepSeek-R1
-does before RL) gives it what an instruct model has: `steps` AdamW steps of next-token training (lr `lr`) on the
-answers of the judgement and counting training questions, in the form a response gives them (`\\boxed{yes}`; no
-planning: its route blocks are left to the detail reward). Run before the reference policy is copied, so the
-reference is the cold-started model, as it would be the instruct model.
+The paper starts GRPO from Qwen2.5-VL-7B-Instruct, which already answers a yes/no question with yes or no, a
+counting question with a number and a route question with a route. The tiny model starts from random weights and,
+trained by GRPO alone, ends each stage giving one answer to every question, whatever its type (docs/rewardmap.md
+§5). A cold start (as DeepSeek-R1 does before RL) gives it what an instruct model has: `steps` AdamW steps of
+next-token training (lr `lr`) on the training questions' answers, in the form a response gives them
+(`answer_target`: `\\boxed{yes}`, or the reference route for a planning question). Run before the reference policy
+is copied, so the reference is the cold-started model, as it would be the instruct model.
 
-Batches are drawn from a generator seeded with `seed` alone, so the cold start is the same on every run of a
-config: `--resume` redoes it to rebuild the same reference, then loads the checkpoint's weights into the policy.
+Each batch draws a question type uniformly, then a question of that type, so a rare type gets as many updates as
+a common one: counting3 has one question per map (38 of the tiny default's ~3,800 training questions; drawn in
+proportion it would get 1% of the cold start).
+Batches come from a generator seeded with `seed` alone, so the cold start is the same on every run of a config:
+`--resume` redoes it to rebuild the same reference, then loads the checkpoint's weights into the policy.
 """
 from __future__ import annotations
 
@@ -23,17 +26,22 @@ from prompts import encode_prompts, join_prompt_response
 
 
 def answer_target(sample) -> str:
-    """The response a judgement / counting question should get: its answer, boxed."""
-    return f"\\boxed{{{sample.answer}}}"
+    """The response a question should get: a judgement / counting answer boxed, a planning question's reference
+    route as it stands (ReasonMap's `Route Name: ... -- ...` blocks, what the planning reward parses)."""
+    return sample.answer if sample.qtype == "planning" else f"\\boxed{{{sample.answer}}}"
 
 
 def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, seed: int = 0,
                progress: bool = False) -> list[float]:
-    """`steps` steps of next-token training of `policy` on `answer_target` (+ end-of-turn) of the non-planning
-    `samples`; returns each step's mean negative log-likelihood per answer token (`progress`: a progress bar)."""
-    pool = [s for s in samples if s.qtype != "planning"]
-    if steps and not pool:
-        raise ValueError("--cold-start: the training data has no judgement or counting questions to learn answers from")
+    """`steps` steps of next-token training of `policy` on `answer_target` (+ end-of-turn) of `samples`, each batch
+    `batch_size` questions of uniformly drawn types; returns each step's mean negative log-likelihood per answer
+    token (`progress`: a progress bar)."""
+    by_type: dict[str, list] = {}
+    for s in samples:
+        by_type.setdefault(s.qtype, []).append(s)
+    if steps and not by_type:
+        raise ValueError("--cold-start: the training data has no questions to learn answers from")
+    types = sorted(by_type)
     rng = random.Random(f"{seed}:cold-start")
     optimizer = torch.optim.AdamW([p for p in policy.model.parameters() if p.requires_grad], lr=lr)
     was_training = policy.model.training
@@ -41,7 +49,7 @@ def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int =
     losses = []
     bar = tqdm(total=steps, desc="cold start", dynamic_ncols=True, disable=not progress)
     for _ in range(steps):
-        batch = rng.sample(pool, min(batch_size, len(pool)))
+        batch = [rng.choice(by_type[rng.choice(types)]) for _ in range(batch_size)]
         targets = [policy.tokenizer.encode(answer_target(s), add_special_tokens=False) + [policy.eos_id] for s in batch]
         width = max(map(len, targets))
         ids = torch.tensor([t + [policy.pad_id] * (width - len(t)) for t in targets], device=policy.device)

@@ -73,7 +73,7 @@ class TrainConfig:
     group_size: int = _f(8, "G: responses sampled per prompt")
     batch_size: int = _f(8, "prompts per GRPO step")
     micro_batch_size: int = _f(64, "responses per forward/backward pass (gradient accumulation over the rest)")
-    lr: float = _f(2e-3, "AdamW learning rate (the paper: 1e-6 for a 7B model)")
+    lr: float = _f(2e-3, "AdamW learning rate of GRPO (--model tiny: 2e-4, see TINY_DEFAULTS; the paper: 1e-6 for a 7B model)")
     weight_decay: float = _f(0.0, "AdamW weight decay (the paper: 1e-2)")
     kl_coef: float = _f(1e-2, "coefficient of the k3 KL penalty to the frozen reference (0 skips it; paper 1e-3, released script 1e-2)")
     clip_eps: float = _f(0.2, "PPO clip range epsilon")
@@ -89,8 +89,9 @@ class TrainConfig:
     entropy_coef: float = _f(0.0, "weight of an entropy bonus in the loss (released code: 1e-3)")
     kl_clamp: float = _f(0.0, "clamp each token's KL term at this value (released code: 10; 0: no clamp)")
     drop_last: bool = _f(False, "drop each stage's last partial batch (the released code's data loader)")
-    replay: float = _f(0.0, "share of each batch added from earlier stages' questions, against forgetting (0: none)")
-    cold_start: int = _f(0, "supervised steps on the judgement / counting answers (\\boxed{answer}) before GRPO, at --lr (0: none; coldstart.py)")
+    replay: float = _f(0.0, "share of each batch added from earlier stages' questions, against forgetting (0: none; --model tiny: 0.5)")
+    cold_start: int = _f(0, "supervised steps on the training answers (\\boxed{answer}, planning: the route) before GRPO (0: none; --model tiny: 800; coldstart.py)")
+    cold_start_lr: float = _f(0.0, "AdamW learning rate of the cold start (0: --lr; --model tiny: 2e-3)")
     dynamic_sampling: bool = _f(False, "DAPO dynamic sampling: groups whose total rewards are all equal are replaced by groups of the stage's next prompts")
     dynamic_sampling_max_draws: int = _f(0, "dynamic sampling: extra prompts drawn per step at most (0: 3 x the batch)")
     decode_chunk: int = _f(0, "prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)")
@@ -122,6 +123,13 @@ class TrainConfig:
     report_samples_every: int = _f(10, "with --report-to: a table of a few sampled responses and their reward parts every N steps (0: never)")
     debug: bool = _f(False, "show the full traceback of an error (otherwise a user error prints one line)")
 
+
+TINY_DEFAULTS = dict(cold_start=800, cold_start_lr=2e-3, lr=2e-4, replay=0.5)
+"""What `--model tiny` trains with when no --preset is given, in one process without LoRA (a flag given wins): a
+supervised cold start (coldstart.py: what an instruct model brings), then GRPO at a tenth of its learning rate with
+half a batch of earlier stages' questions replayed in each later batch. Plain GRPO from the random tiny model (the
+flags' own defaults) ends the curriculum giving one string to every question (0% on every type); at lr 2e-3 after a
+cold start, the counting2 answer overwrites counting1's and the entropy collapses (docs/rewardmap.md §5)."""
 
 # Image budgets: the paper gives none; the released config sets max_pixels 128,450,560 (10x the checkpoint's
 # 12.8 M, i.e. full resolution: a 5,839 x 5,449 map becomes ~40k image tokens, for 8 GPUs). `paper` takes
@@ -157,6 +165,10 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             ap.error(f"unknown --preset {args['preset']!r}; choose one of {', '.join(PRESETS)}")
         for k, v in PRESETS[args["preset"]].items():
             if k not in explicit:  # flags given on the command line win over the preset
+                args[k] = v
+    if args["model"] == "tiny" and not args["preset"] and not args["lora_rank"] and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        for k, v in TINY_DEFAULTS.items():
+            if k not in explicit:
                 args[k] = v
     if args["advantage"] == "dr-grpo" and "aggregation" not in explicit:
         args["aggregation"] = "constant"  # Dr. GRPO is both fixes; --aggregation token ablates the loss's one
@@ -214,8 +226,8 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"{', '.join(lora_only)} need --lora-rank (LoRA adapters)")
     if ranks > 1 and cfg.lora_rank:
         raise ValueError("--lora-rank is not supported with several processes yet (LoRA is the one-small-GPU recipe)")
-    if cfg.cold_start < 0:
-        raise ValueError("--cold-start must be >= 0")
+    if cfg.cold_start < 0 or cfg.cold_start_lr < 0:
+        raise ValueError("--cold-start and --cold-start-lr must be >= 0")
     if cfg.cold_start and (cfg.lora_rank or ranks > 1):  # LoRA's reference is the base: it would skip the cold start
         raise ValueError("--cold-start is for one process and full fine-tuning (not with --lora-rank or torchrun)")
 
@@ -443,7 +455,8 @@ def train(cfg: TrainConfig) -> dict:
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
     if cfg.cold_start:  # coldstart.py: before the reference is copied; --resume redoes it (seeded) for that copy
-        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.lr, seed=cfg.seed, progress=main)
+        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.cold_start_lr or cfg.lr, seed=cfg.seed,
+                                   progress=main)
         if main:
             print(f"cold start: {cfg.cold_start} steps, answer NLL {nll[0]:.3f} -> {nll[-1]:.3f}")
     if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled

@@ -14,7 +14,8 @@ def test_every_field_is_a_flag_with_help():
         assert f.metadata.get("help"), f"field {f.name} has no help text"
         ap_help.append("--" + f.name.replace("_", "-"))
     cfg = train.parse_args([])
-    assert cfg == train.TrainConfig()  # defaults of the flags are the dataclass defaults
+    # defaults of the flags are the dataclass defaults, with the tiny model's own on top (tests/test_coldstart.py)
+    assert cfg == dataclasses.replace(train.TrainConfig(), **train.TINY_DEFAULTS)
 
 
 def test_ablation_flags_parse():
@@ -79,7 +80,7 @@ def test_resume_refuses_other_settings(tmp_path):
     train.check_resume_config(train.parse_args(["--eval-every", "5"]), saved, tmp_path)  # harmless change
     # a full fine-tuning checkpoint from when --lora-targets defaulted to the projections' list resumes
     train.check_resume_config(train.parse_args([]), {**saved, "lora_targets": ",".join(lora.DEFAULT_TARGETS)}, tmp_path)
-    with pytest.raises(ValueError, match=r"--gammas \(1.0, 1.2, 1.5\) -> \(1.0, 2.0, 3.0\); --lr 0.002 -> 0.001"):
+    with pytest.raises(ValueError, match=r"--gammas \(1.0, 1.2, 1.5\) -> \(1.0, 2.0, 3.0\); --lr 0.0002 -> 0.001"):
         train.check_resume_config(train.parse_args(["--lr", "1e-3", "--gammas", "1", "2", "3"]), saved, tmp_path)
 
 

@@ -21,6 +21,7 @@ ELSEWHERE = {
     "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
     "keep_checkpoints": "tests/test_checkpoints.py::test_keep_checkpoints_keeps_the_newest_n (the newest N stay)",
     "cold_start": "tests/test_coldstart.py::test_train_cold_starts_the_reference_too_and_resumes_exactly (its NLL line, KL 0 at step 1)",
+    "cold_start_lr": "tests/test_coldstart.py::test_tiny_defaults_and_the_cold_start_lr (the lr cold_start receives)",
 }
 
 # one changed value per flag (argv), and the components that must then receive something else
@@ -122,12 +123,12 @@ def record(cfg, world, policy, monkeypatch) -> dict:
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in ELSEWHERE])
 def test_every_flag_reaches_its_component(field, world, tiny_lm, tmp_path, monkeypatch):
-    base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5"]
+    base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5", "--cold-start", "0", "--replay", "0"]
     argv, components, *both = CHANGES[field]
     base += both[0] if both else []
     argv = argv if field != "out" else ["--out", str(tmp_path / "elsewhere")]
     if field == "max_steps_per_stage":
-        base = base[:2]
+        base = base[:2] + base[4:]
     assert train.parse_args(base + argv) != train.parse_args(base)
     default = record(train.parse_args(base), world, tiny_lm, monkeypatch)
     changed = record(train.parse_args(base + argv), world, tiny_lm, monkeypatch)
