@@ -11,18 +11,24 @@ is copied, so the reference is the cold-started model, as it would be the instru
 Each batch draws a question type uniformly, then a question of that type, so a rare type gets as many updates as
 a common one: counting3 has one question per map (38 of the tiny default's ~3,800 training questions; drawn in
 proportion it would get 1% of the cold start).
-Batches come from a generator seeded with `seed` alone, so the cold start is the same on every run of a config:
-`--resume` redoes it to rebuild the same reference, then loads the checkpoint's weights into the policy.
+Batches come from a generator seeded with `seed` alone, so the cold start is the same on every run of a config.
+train.py keeps the cold-started weights in --out (`SAVED`): `--resume` loads them to rebuild the same reference
+instead of redoing the steps, then loads the checkpoint's weights into the policy.
 """
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 from model import Policy, response_logprobs
 from prompts import encode_prompts, join_prompt_response
+
+
+SAVED = "cold-start.pt"
+"""The cold-started weights in --out: what a resumed run's reference is rebuilt from."""
 
 
 def answer_target(sample) -> str:
@@ -66,3 +72,19 @@ def cold_start(policy: Policy, samples, steps: int, lr: float, batch_size: int =
     bar.close()
     policy.model.train(was_training)
     return losses
+
+
+def cold_start_once(policy: Policy, samples, steps: int, lr: float, seed: int, saved: Path, resume: bool,
+                    progress: bool = True) -> None:
+    """`cold_start`, then its weights saved to `saved` (atomically); a resumed run (`resume`) whose `saved` exists
+    loads them instead of redoing the steps: the same weights, bit for bit (train.check_resume_config has made
+    sure the resumed run's cold start settings are the saved run's)."""
+    if resume and saved.is_file():
+        policy.model.load_state_dict(torch.load(saved, map_location=policy.device, weights_only=True))
+        print(f"cold start: the {steps} steps' weights loaded from {saved}")
+        return
+    nll = cold_start(policy, samples, steps, lr, seed=seed, progress=progress)
+    tmp = saved.with_suffix(".tmp")
+    torch.save(policy.model.state_dict(), tmp)
+    tmp.replace(saved)  # a kill while saving leaves the old file or none, never half of one
+    print(f"cold start: {steps} steps, answer NLL {nll[0]:.3f} -> {nll[-1]:.3f} (weights in {saved})")

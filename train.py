@@ -454,11 +454,9 @@ def train(cfg: TrainConfig) -> dict:
         dtype, master = models.compute_dtype(cfg.dtype), cfg.bf16_update == "master" and not cfg.lora_rank
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, dtype, master, qlora=cfg.qlora)
-    if cfg.cold_start:  # coldstart.py: before the reference is copied; --resume redoes it (seeded) for that copy
-        nll = coldstart.cold_start(policy, train_samples, cfg.cold_start, cfg.cold_start_lr or cfg.lr, seed=cfg.seed,
-                                   progress=main)
-        if main:
-            print(f"cold start: {cfg.cold_start} steps, answer NLL {nll[0]:.3f} -> {nll[-1]:.3f}")
+    if cfg.cold_start:  # coldstart.py: before the reference is copied; --resume loads the weights it saved in --out
+        coldstart.cold_start_once(policy, train_samples, cfg.cold_start, cfg.cold_start_lr or cfg.lr, cfg.seed,
+                                  out / coldstart.SAVED, resume=ckpt is not None)
     if cfg.lora_rank:  # LoRA (lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
         lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
                       cfg.lora_targets or lora.default_targets(cfg.model), seed=cfg.seed)

@@ -50,8 +50,14 @@ def test_train_cold_starts_the_reference_too_and_resumes_exactly(tmp_path, capsy
     proc = subprocess.run([sys.executable, "-c", kill_script(3), *args, "--out", str(killed)], cwd=ROOT,
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert proc.returncode == -signal.SIGKILL
-    train.main(args + ["--out", str(killed), "--resume"])  # redoes the cold start for the reference
+    assert (killed / coldstart.SAVED).is_file() and not (killed / "cold-start.tmp").exists()
+    capsys.readouterr()
+    train.main(args + ["--out", str(killed), "--resume"])  # the saved cold start rebuilds the reference
+    assert "cold start: the 5 steps' weights loaded from" in capsys.readouterr().out
     assert [comparable(r) for r in rows(killed / "metrics.jsonl")] == [comparable(r) for r in log]
+    (killed / coldstart.SAVED).unlink()  # without it a resumed run redoes the steps (seeded: the same weights)
+    train.main(args + ["--out", str(killed), "--resume"])
+    assert "cold start: 5 steps, answer NLL" in capsys.readouterr().out
 
 
 def test_cold_start_refusals():
