@@ -34,6 +34,11 @@ def world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def launched_ranks() -> int:
+    """The number of processes torchrun started (its WORLD_SIZE; 1 without torchrun), known before `setup`."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def rank() -> int:
     """This process's rank (0 without torchrun)."""
     return dist.get_rank() if world() > 1 else 0
@@ -47,7 +52,7 @@ def is_main() -> bool:
 def setup() -> torch.device | None:
     """Join the process group when started by torchrun (WORLD_SIZE > 1); returns this rank's device (CUDA:
     LOCAL_RANK, or CPU), or None for a plain one-process run."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_ranks() <= 1:
         return None
     if torch.cuda.is_available():
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))

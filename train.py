@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
         for k, v in PRESETS[args["preset"]].items():
             if k not in explicit:  # flags given on the command line win over the preset
                 args[k] = v
-    if args["model"] == "tiny" and not args["preset"] and not args["lora_rank"] and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if args["model"] == "tiny" and not args["preset"] and not args["lora_rank"] and distributed.launched_ranks() == 1:
         for k, v in TINY_DEFAULTS.items():
             if k not in explicit:
                 args[k] = v
@@ -207,7 +207,7 @@ def check_config(cfg: TrainConfig) -> None:
                            ("dynamic_sampling_max_draws", cfg.dynamic_sampling_max_draws >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}")
-    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun's process count (distributed.py)
+    ranks = distributed.launched_ranks()
     if cfg.batch_size % ranks:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {ranks} torchrun processes: "
                          "each takes an equal share of every step's prompts")
