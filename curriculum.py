@@ -15,7 +15,7 @@ from __future__ import annotations
 import random
 from typing import Sequence, TypeVar
 
-from metro import PLUS_QTYPES, QTYPES
+from transit.metro import PLUS_QTYPES, QTYPES
 
 T = TypeVar("T")  # anything with a `.qtype` attribute (a data.Sample)
 

@@ -33,12 +33,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import cli
-from metro import (LETTERS, QTYPES, TORF_QTYPES, TYPE_NAMES, Metro, Sample,
+from plumbing import cli
+from transit.metro import (LETTERS, QTYPES, TORF_QTYPES, TYPE_NAMES, Metro, Sample,
                    route_plan, station_lines)
-from released import TEST_CITIES  # the 11 cities the official evaluation reports on
-from rows import RowError, row_to_sample
-from synthetic import synthetic_dataset
+from transit.released import TEST_CITIES  # the 11 cities the official evaluation reports on
+from transit.rows import RowError, row_to_sample
+from offline.synthetic import synthetic_dataset
 
 SPLITS = ("train", "validation", "test")  # the split names a dataset folder may hold (files or DatasetDict keys)
 SYNTHETIC_CITIES = 60  # the default run's synthetic world: one pass over it is ~190 GRPO steps per Plus stage

@@ -24,14 +24,14 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-import cli
+from plumbing import cli
 import data
 import grpo
-from distributed import even_share, gather, world
+from scaling.distributed import even_share, gather, world
 import model as models
 import rewards
-from metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
-from released import official_correct, official_map_score  # the evaluators Table 1 used
+from transit.metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
+from transit.released import official_correct, official_map_score  # the evaluators Table 1 used
 from rewards import transfer_count
 
 

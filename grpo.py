@@ -1,7 +1,7 @@
-"""GRPO, from scratch: group sampling, group-relative advantages, clipped loss + k3 KL, one step.
+"""GRPO, from scratch: group-relative advantages, the clipped loss with a k3 KL penalty, one training step.
 
 docs/rewardmap.md §4 / DeepSeekMath (arXiv 2402.03300) eq. 3, per response token t of response i in a
-group of G:
+group of G responses to one prompt:
 
     rho_it = pi_theta(o_it | q, o_i<t) / pi_old(o_it | q, o_i<t)
     A_i    = (r_i - mean(r_group)) / (std(r_group) + eps)                          (group_advantages)
@@ -10,11 +10,13 @@ group of G:
 
 averaged over response tokens (`aggregation="token"`) or within each response then over responses
 (`"sequence"`, DeepSeekMath's 1/G sum_i 1/|o_i| sum_t), or summed and divided by a constant
-(`"constant"`, Dr. GRPO's max_new_tokens x responses). advantages.py holds `group_advantages` and the other
-estimators (Dr. GRPO, RLOO, REINFORCE++ and its baseline variant; `advantages` picks one).
-Read in this order: the pure functions of the math; `sample_groups`, the rollout; `grpo_step`, one step
-as five named phases (rollout -> score -> advantages -> reference log-probs -> update), with DAPO's
-dynamic sampling (`dynamic_sampling`) as an optional second half of the score phase.
+(`"constant"`, Dr. GRPO's max_new_tokens x responses).
+
+Read in this order: `GRPOConfig`; the math (`group_advantages`, `kl_k3`, `policy_loss`); `grpo_step`, one step
+as five named phases (rollout -> score -> advantages -> reference log-probs -> update); then each phase.
+What is there for speed or scale lives elsewhere and is marked where it is called: the batched KV-cached
+rollout and the fused log-probs are speed/ (each beside its plain reference), several GPUs scaling/; the other
+advantage estimators and DAPO's dynamic sampling are variants/.
 """
 from __future__ import annotations
 
@@ -26,38 +28,117 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from advantages import (ESTIMATORS, advantages, dr_grpo_advantages, group_advantages,  # noqa: F401
-                        reinforce_pp_advantages, reinforce_pp_baseline_advantages, rloo_advantages)
-from lora import adapters_disabled
-from distributed import all_min, all_sum, everyone, gather, world
-from model import Policy, encode_prompts, forward_logits, join_prompt_response, kv_cache, shared_prompt_logprobs
+from model import Policy
+from plumbing.flags import check
+from scaling.distributed import all_sum, everyone, gather, world
+from scaling.lora import adapters_disabled
+from speed.decode import Rollout, sample_groups  # noqa: F401  (the rollout phase; eval.py decodes with it too)
+from speed.logprobs import shared_prompt_logprobs
+from variants import advantages as estimators
+from variants.dynamic_sampling import dynamic_sampling
+
+ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")
+"""The advantage estimators `advantages` knows (`--advantage`)."""
+AGGREGATIONS = ("token", "sequence", "constant")
 
 
-@dataclass
+@dataclass(frozen=True)
 class GRPOConfig:
-    """The knobs of one GRPO step (docs/rewardmap.md §4, §7); train.py fills it from its flags."""
+    """The settings of one GRPO step (docs/rewardmap.md §4, §7). Each is a flag of train.py (`--group-size`)."""
 
-    group_size: int = 8  # G: responses sampled per prompt (paper 8, released script 4)
-    temperature: float = 1.0  # sampling temperature (the paper: 1.0); 0 means greedy
-    top_p: float = 1.0  # nucleus sampling mass (1.0 = off)
-    max_new_tokens: int = 256  # response length cap (paper: 2048)
-    clip_eps: float = 0.2  # PPO clip range epsilon for the ratio rho
-    kl_coef: float = 1e-3  # beta, weight of the k3 KL to the reference (paper 1e-3, released 1e-2); 0 skips the reference pass
-    ppo_epochs: int = 1  # optimizer steps per rollout batch (1 = on-policy, ratio is exactly 1)
-    micro_batch_size: int = 16  # responses per forward/backward (gradient accumulation over micro-batches)
-    aggregation: str = "token"  # "token": mean over all response tokens; "sequence": per response, then over responses;
-    # "constant": summed, divided by max_new_tokens x responses (Dr. GRPO)
-    std_scale: bool = True  # divide advantages by the group std (released code) or only centre them (paper text)
-    advantage: str = "grpo"  # the estimator (ESTIMATORS): grpo | dr-grpo | rloo | reinforce++ | reinforce++-baseline
-    dynamic_sampling: bool = False  # DAPO: replace groups of equal rewards by groups of further prompts (`more`)
-    dynamic_sampling_max_draws: int = 0  # dynamic sampling: extra prompts per step at most (0: 3 x the step's batch)
-    max_grad_norm: float = 1.0  # global gradient-norm clip before each optimizer step
-    entropy_coef: float = 0.0  # weight of an entropy bonus on the policy's tokens (released code: 1e-3; 0: none)
-    decode_chunk: int = 0  # prompts decoded at a time (whole groups; 0: auto_decode_chunk, all at once on CPU)
-    kl_clamp: float | None = None  # clamp the per-token k3 KL at this value (released code: 10; None: no clamp)
+    group_size: int = 8
+    """G: responses sampled per prompt (paper 8, released script 4)"""
+    temperature: float = 1.0
+    """sampling temperature for rollouts (0: greedy)"""
+    top_p: float = 1.0
+    """nucleus sampling threshold for rollouts (1: off)"""
+    max_new_tokens: int = 0
+    """response token budget for judgement / counting questions (0: 4 for the tiny model, whose boxed answers are one token; 2048 otherwise)"""
+    clip_eps: float = 0.2
+    """PPO clip range epsilon of the ratio rho"""
+    kl_coef: float = 1e-2
+    """beta, the coefficient of the k3 KL penalty to the frozen reference (0 skips the reference; paper 1e-3, released script 1e-2)"""
+    kl_clamp: float = 0.0
+    """clamp each token's KL term at this value (released code: 10; 0: no clamp)"""
+    entropy_coef: float = 0.0
+    """weight of an entropy bonus in the loss (released code: 1e-3)"""
+    ppo_epochs: int = 1
+    """optimisation passes over each rollout batch (1: on-policy, the ratio is exactly 1)"""
+    micro_batch_size: int = 64
+    """responses per forward/backward pass (gradient accumulation over the rest)"""
+    aggregation: str = "token"
+    """loss averaging: 'token' (over all response tokens) | 'sequence' (per response first) | 'constant' (token sum / (token budget x responses): Dr. GRPO)"""
+    std_scale: bool = True
+    """divide advantages by the group std (the released code); --no-std-scale only centres them (the paper's text)"""
+    advantage: str = "grpo"
+    """advantage estimator: grpo | dr-grpo (also sets --aggregation constant unless given) | rloo | reinforce++ | reinforce++-baseline"""
+    max_grad_norm: float = 1.0
+    """gradient-norm clip before each optimizer step"""
+    dynamic_sampling: bool = False
+    """DAPO dynamic sampling: groups whose total rewards are all equal are replaced by groups of the stage's next prompts"""
+    dynamic_sampling_max_draws: int = 0
+    """dynamic sampling: extra prompts drawn per step at most (0: 3 x the batch)"""
+    decode_chunk: int = 0
+    """prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)"""
+
+    def __post_init__(self):
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"--aggregation must be token, sequence or constant, got {self.aggregation!r}")
+        if self.advantage not in ESTIMATORS:
+            raise ValueError(f"--advantage must be one of {', '.join(ESTIMATORS)}, got {self.advantage!r}")
+        if not self.std_scale and self.advantage != "grpo":
+            raise ValueError(f"--no-std-scale only applies to --advantage grpo ({self.advantage} sets its own scale; "
+                             "dr-grpo is GRPO without the std)")
+        check(self, ("group_size", self.group_size >= 2, ">= 2: GRPO's advantage compares responses within a group"),
+              ("micro_batch_size", self.micro_batch_size >= 1, ">= 1"), ("ppo_epochs", self.ppo_epochs >= 1, ">= 1"),
+              ("kl_coef", self.kl_coef >= 0, ">= 0"), ("kl_clamp", self.kl_clamp >= 0, ">= 0"),
+              ("clip_eps", self.clip_eps > 0, "> 0"), ("temperature", self.temperature >= 0, ">= 0"),
+              ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
+              ("max_new_tokens", self.max_new_tokens >= 0, ">= 0"), ("decode_chunk", self.decode_chunk >= 0, ">= 0"),
+              ("dynamic_sampling_max_draws", self.dynamic_sampling_max_draws >= 0, ">= 0"))
 
 
-# ----------------------------------------------------------------------------- the math
+# ============================================================================ ALGO LOGIC: the math
+
+def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
+    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (docs/rewardmap.md §4.1).
+
+    rewards [B*G], row n answers prompt n // G. `std` is the unbiased sample std (as torch.std, TRL and verl);
+    a group of equal rewards gives zeros, and so does a group of one. `scale=False` only centres (the paper's text).
+    """
+    r = rewards.float().view(-1, group_size)  # [B, G]
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale:
+        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
+        centred = centred / (std + eps)
+    return centred.reshape(-1)  # [B*G]
+
+
+def advantages(rewards: Tensor, group_size: int, estimator: str = "grpo", std_scale: bool = True,
+               eps: float = 1e-6) -> Tensor:
+    """One advantage per response [B*G] from the total rewards [B*G] (contiguous groups), by `estimator`:
+
+        grpo                  (r - mean_g) / (std_g + eps)       (std_scale=False: r - mean_g)   group_advantages
+        dr-grpo               r - mean_g                                                         variants/advantages.py
+        rloo                  G/(G-1) (r - mean_g)
+        reinforce++           (r - mean_B) / (std_B + eps)       B: the whole (global) batch
+        reinforce++-baseline  whiten_B(r - mean_g)
+
+    `std_scale=False` is GRPO's switch only (the other estimators fix their own scale)."""
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
+    if not std_scale and estimator != "grpo":
+        raise ValueError(f"std_scale=False is GRPO's option; {estimator!r} sets its own scale")
+    if estimator == "grpo":
+        return group_advantages(rewards, group_size, scale=std_scale, eps=eps)
+    if estimator == "dr-grpo":
+        return estimators.dr_grpo_advantages(rewards, group_size)
+    if estimator == "rloo":
+        return estimators.rloo_advantages(rewards, group_size)
+    if estimator == "reinforce++":
+        return estimators.reinforce_pp_advantages(rewards, eps)
+    return estimators.reinforce_pp_baseline_advantages(rewards, group_size, eps)
+
 
 def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token k3 estimator of KL(pi || pi_ref): exp(ref - logp) - (ref - logp) - 1 >= 0 (Schulman 2020).
@@ -118,168 +199,9 @@ def policy_loss(logp: Tensor, old_logp: Tensor, ref_logp: Tensor | None, advanta
     return loss, dict(zip(["loss/policy", "kl", "clip_frac", "approx_kl"], values))
 
 
-# ----------------------------------------------------------------------------- rollout
-
-@dataclass
-class Rollout:
-    """G responses for each of B prompts; row n belongs to prompt n // G (groups are contiguous)."""
-
-    prompts: dict  # encode_prompts(...) of the B prompts (ids, mask, rotary positions, pixels)
-    group_size: int
-    prompt_index: Tensor  # [N] prompt of each row
-    response_ids: Tensor  # [N, T] sampled tokens; pad after the end-of-turn token
-    response_mask: Tensor  # [N, T] 1.0 on response tokens (end-of-turn included), 0.0 on padding
-    texts: list[str]  # decoded responses (special tokens skipped)
-    logprobs: Tensor  # [N, T] log pi(token) at temperature 1 over the full vocabulary, at sampling time
-    entropy: Tensor  # [N, T] entropy of pi (temperature 1) at each response position, at sampling time
-    finished: Tensor  # [N] True where the response ended with end-of-turn (False: hit max_new_tokens)
-
-
-def _sample_token(logits: Tensor, temperature: float, top_p: float, generator=None, u: Tensor | None = None) -> Tensor:
-    """Sample one token per row from softmax(logits / temperature), restricted to the top-p nucleus.
-
-    Inverse-CDF sampling: one uniform number per row (`u` [N] in [0, 1), else drawn from `generator`) against
-    the cumulative unnormalised probabilities. Same distribution as torch.multinomial, ~4x cheaper per decode
-    step on CPU (multinomial's setup dominated a tiny model's step). Masked (-inf) logits get probability 0
-    and are never chosen: a float32 cumulative sum over a 152k vocabulary is not exactly monotone on every
-    device, and `u * total` can round up to the total, so a token of probability 0 that the search lands
-    on is replaced by the row's most likely token (a sampled <|image_pad|> would break the next forward)."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    scaled = logits / temperature
-    p = torch.exp(scaled - scaled.max(-1, keepdim=True).values)
-    if top_p < 1.0:
-        sorted_p, idx = p.sort(dim=-1, descending=True)
-        outside = sorted_p.cumsum(-1) - sorted_p > top_p * sorted_p.sum(-1, keepdim=True)  # mass before exceeds top_p
-        p = torch.zeros_like(p).scatter_(-1, idx, sorted_p.masked_fill(outside, 0.0))
-    cdf = p.cumsum(-1)
-    if u is None:
-        u = torch.rand(p.shape[0], generator=generator, device=p.device)
-    picked = torch.searchsorted(cdf, u[:, None] * cdf[:, -1:], right=True).squeeze(-1).clamp_(max=p.shape[-1] - 1)
-    return torch.where(p.gather(-1, picked[:, None]).squeeze(-1) > 0, picked, p.argmax(-1))  # [safety]
-
-
-def _expanded_static_cache(model, prefill_cache, group_size: int, max_len: int):
-    """[speed] The prompts' KV cache repeated G-fold into a preallocated StaticCache of `max_len` positions.
-
-    A DynamicCache grows by torch.cat every decode step, copying the whole cache each time (~40% of a
-    tiny model's decode time on CPU); the static one writes each new key/value in place.
-    """
-    from transformers import StaticCache
-
-    cache = StaticCache(config=model.config, max_cache_len=max_len)
-    for i, layer in enumerate(prefill_cache.layers):  # first update allocates [N, heads, max_len, dim] and copies
-        cache.layers[i].update(layer.keys.repeat_interleave(group_size, 0), layer.values.repeat_interleave(group_size, 0))
-    return cache
-
-
-@torch.no_grad()
-def sample_groups(policy: Policy, samples, group_size: int, max_new_tokens: int, temperature: float = 1.0,
-                  top_p: float = 1.0, generator: torch.Generator | None = None, decode_chunk: int = 0) -> Rollout:
-    """`group_size` responses for each sample: one batched, KV-cached decode per chunk of prompts.
-
-    1. Prefill the chunk's left-padded prompts once (vision encoder once per image), keeping the last logits.
-    2. Expand the KV cache, logits, mask and positions G-fold (repeat_interleave on the batch dim), so
-       rows n*G .. n*G+G-1 continue prompt n.
-    3. Decode all the chunk's rows together. Token t of a row sits at rotary position `next_pos + t`: for
-       Qwen2.5-VL that is max(prompt mrope position) + 1 + t on all three (t, h, w) axes, which is what
-       transformers' generate computes from `rope_deltas`; for text models it is prompt length + t.
-       Positions are passed explicitly, so no hidden `rope_deltas` state in the model is relied on.
-    Special tokens other than end-of-turn are never sampled (a sampled <|image_pad|> breaks the next
-    forward). Finished rows emit pad and are masked; a chunk stops when every row is done.
-    [speed / memory] `decode_chunk` prompts (whole groups) are decoded at a time (0: `auto_decode_chunk`), so the
-    expanded KV cache of a paper-scale batch need not fit at once; every uniform number the sampling uses is
-    drawn up front (one per row and step, from `generator`, which must live on the policy's device), so
-    the responses do not depend on the chunking. `temperature=0`: greedy decoding (eval.py, group_size=1).
-    """
-    model, G, B = policy.model, group_size, len(samples)
-    was_training = model.training
-    model.eval()  # also lets gradient-checkpointed models use the KV cache
-    try:
-        prompts = encode_prompts(policy, samples)
-        uniforms = (torch.rand(max_new_tokens, B * G, generator=generator, device=policy.device)
-                    if temperature > 0 else None)
-        chunk = decode_chunk or auto_decode_chunk(policy, prompts["input_ids"].shape[1] + max_new_tokens, G, B)
-        parts = [_decode(policy, prompts, torch.arange(start, min(start + chunk, B), device=policy.device), G,
-                         max_new_tokens, temperature, top_p,
-                         uniforms[:, start * G : (start + chunk) * G] if uniforms is not None else None)
-                 for start in range(0, B, chunk)]
-    finally:
-        model.train(was_training)
-    cat = lambda key, fill: _pad_cat([p[key] for p in parts], fill)  # noqa: E731
-    tokens, mask = cat("tokens", policy.pad_id), cat("mask", 0.0)
-    lengths = mask.sum(1).long().tolist()
-    texts = policy.tokenizer.batch_decode([row[:n] for row, n in zip(tokens.tolist(), lengths)], skip_special_tokens=True)
-    return Rollout(prompts=prompts, group_size=G, prompt_index=torch.arange(B, device=policy.device).repeat_interleave(G),
-                   response_ids=tokens, response_mask=mask, texts=texts, logprobs=cat("logprobs", 0.0),
-                   entropy=cat("entropy", 0.0), finished=torch.cat([p["done"] for p in parts]))
-
-
-def auto_decode_chunk(policy: Policy, seq_len: int, group_size: int, prompts: int, budget: float = 0.5) -> int:
-    """Prompts per decode chunk: all of them on CPU; on CUDA as many as keep the expanded KV cache (2 x layers
-    x KV heads x head dim x `seq_len` positions x G rows per prompt, in the model's dtype) within `budget`
-    of the free GPU memory (at least one prompt)."""
-    if policy.device.type != "cuda":
-        return prompts
-    text = policy.model.config.get_text_config()
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    per_prompt = (2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * seq_len * group_size
-                  * torch.finfo(getattr(policy.model, "autocast_dtype", None) or policy.model.dtype).bits // 8)
-    free, _ = torch.cuda.mem_get_info(policy.device)
-    return int(all_min(max(1, min(prompts, int(budget * free // per_prompt)))))  # [multi-GPU] same chunks on every rank
-
-
-def _decode(policy: Policy, prompts: dict, rows: Tensor, G: int, max_new_tokens: int, temperature: float,
-            top_p: float, uniforms: Tensor | None) -> dict[str, Tensor]:
-    """Decode G responses for each of the prompts `rows` (indices into `prompts`): tokens, per-token
-    log-probs, entropies and mask [n, T], and `done` [n] (ended with end-of-turn)."""
-    model = policy.model
-    empty = prompts["input_ids"][rows, :0]
-    batch = join_prompt_response(prompts, rows, empty, empty.float())  # the chunk's prompts (and their images)
-    out = forward_logits(model, batch, use_cache=True, logits_to_keep=1)
-    # [speed] the prompts are prefilled once and their cache expanded G-fold into a preallocated static cache
-    cache = _expanded_static_cache(model, kv_cache(out), G, batch["input_ids"].shape[1] + max_new_tokens)
-    logits = out.logits[:, -1].repeat_interleave(G, 0)
-    del out  # [memory] the prefill's output is not needed during the decode
-    N = len(rows) * G
-    prompt_mask = batch["attention_mask"].repeat_interleave(G, 0)
-    attn = torch.cat([prompt_mask, prompt_mask.new_ones(N, max_new_tokens)], 1)
-    next_pos = prompts["next_pos"][rows].repeat_interleave(G)
-    tokens = torch.full((N, max_new_tokens), policy.pad_id, dtype=torch.long, device=policy.device)
-    logps = torch.zeros(N, max_new_tokens, device=policy.device)
-    entropy = torch.zeros(N, max_new_tokens, device=policy.device)
-    mask = torch.zeros(N, max_new_tokens, device=policy.device)
-    done = torch.zeros(N, dtype=torch.bool, device=policy.device)
-    check_every = 16 if policy.device.type == "cuda" else 1
-    for t in range(max_new_tokens):
-        if t > 0:
-            pos = (next_pos + t - 1)[:, None]
-            pos = pos[None].expand(3, N, 1) if policy.is_vlm else pos
-            step = dict(input_ids=tokens[:, t - 1 : t], attention_mask=attn[:, : prompt_mask.shape[1] + t],
-                        position_ids=pos)
-            logits = forward_logits(model, step, cache=cache, logits_to_keep=1).logits[:, -1]
-        logits = logits.float()
-        lse = logits.logsumexp(-1)  # the policy's own distribution (temperature 1, nothing suppressed)
-        entropy[:, t] = lse - (torch.exp(logits - lse[:, None]) * logits).sum(-1)
-        logits[:, policy.suppress_ids] = float("-inf")
-        u = uniforms[t] if uniforms is not None else None
-        nxt = _sample_token(logits, temperature, top_p, u=u).masked_fill(done, policy.pad_id)
-        tokens[:, t] = nxt
-        mask[:, t] = (~done).float()
-        logps[:, t] = torch.where(done, 0.0, logits.gather(-1, nxt[:, None]).squeeze(-1) - lse)
-        done |= nxt == policy.eos_id
-        # [speed] "all done?" is a host sync: every token on CPU (free), every 16 on CUDA (no stall per token);
-        # [multi-GPU] under FSDP every rank runs each forward, so a rank stops only when every rank is done
-        if (t + 1) % check_every == 0 and everyone(bool(done.all())):
-            break
-    steps = max(int(mask.sum(1).max()), 1) if max_new_tokens else 0  # [speed] trim steps after the last end
-    return dict(tokens=tokens[:, :steps], logprobs=logps[:, :steps], mask=mask[:, :steps],
-                entropy=entropy[:, :steps], done=done)
-
-
-# ----------------------------------------------------------------------------- one GRPO step
-# ALGORITHM: grpo_step reads as the five phases of docs/rewardmap.md §4.3. Each phase is one named call;
-# what is there only for speed (or safety) is marked [speed] / [safety] and can be skipped on a first read.
+# ============================================================================ ALGO LOGIC: one step
+# grpo_step reads as the five phases of docs/rewardmap.md §4.3, each one named call. What is there only for speed,
+# scale or safety is marked [speed] / [multi-GPU] / [safety] / [variant] and can be skipped on a first read.
 
 METRICS = {
     "reward/total": "mean total reward R over the B*G responses",
@@ -322,6 +244,9 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
     order: row n answers the (n // G)-th prompt, counting `samples` and then what `more` returned (without
     dynamic sampling: the B*G responses, row n answers samples[n // G]).
     """
+    if cfg.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={cfg.max_new_tokens}: give the response token budget (train.py resolves "
+                         "its 0, the model's default, before the step)")
     if reference is None and cfg.kl_coef != 0:
         raise ValueError(f"kl_coef={cfg.kl_coef} needs a reference model (model.reference_model(policy)); "
                          "pass one, or set kl_coef=0")
@@ -333,8 +258,9 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
     rewards = score(samples, rollout.texts, reward_fn, G)
     clock.lap("time/scoring")
     texts, sampling = rollout.texts, {"sampling/drawn": 0.0, "sampling/dropped": 0.0}
-    if cfg.dynamic_sampling:  # DAPO: groups of equal rewards traded for groups of further prompts
-        rollout, rewards, texts, sampling = dynamic_sampling(policy, samples, rollout, rewards, more, reward_fn, cfg,
+    if cfg.dynamic_sampling:  # [variant] DAPO: groups of equal rewards traded for groups of further prompts
+        rescore = lambda new, new_texts: score(new, new_texts, reward_fn, G)  # noqa: E731
+        rollout, rewards, texts, sampling = dynamic_sampling(policy, samples, rollout, rewards, more, rescore, cfg,
                                                              generator)
         clock.lap("time/rollout")
     adv = advantages(rewards["total"], G, cfg.advantage, cfg.std_scale).to(policy.device)
@@ -348,6 +274,8 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
     return step_metrics(rewards, rollout, update, clock.times, G, sampling), texts
 
 
+# ============================================================================ the phases
+
 def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Tensor]:
     """Reward parts of every response ([B*G] each: total, format, correctness, detail); row n answers
     samples[n // G]."""
@@ -355,84 +283,7 @@ def score(samples, texts: list[str], reward_fn, group_size: int) -> dict[str, Te
     return {k: torch.tensor([float(getattr(r, k)) for r in scores]) for k in ("total", "format", "correctness", "detail")}
 
 
-def has_signal(total: Tensor, group_size: int) -> Tensor:
-    """[groups] True where a group's total rewards are not all equal: under a group baseline the others have
-    zero advantage and add no policy gradient. On the TOTAL reward, not correctness (DAPO filters on
-    accuracy): with the detail reward an all-wrong planning group can still rank its answers."""
-    r = total.view(-1, group_size)
-    return (r != r[:, :1]).any(1)
-
-
-def max_draws(setting: int, batch: int) -> int:
-    """Dynamic sampling's cap: prompts drawn per step beyond a batch of `batch` (`setting`, the config's
-    dynamic_sampling_max_draws; 0: 3 x batch, DAPO's rule of thumb of ~3x over-sampling)."""
-    return setting or 3 * batch
-
-
-def dynamic_sampling(policy: Policy, samples, rollout: "Rollout", rewards: dict[str, Tensor], more, reward_fn,
-                     cfg: GRPOConfig, generator=None) -> tuple["Rollout", dict[str, Tensor], list[str], dict]:
-    """DAPO's dynamic sampling (Yu et al. 2025, "DAPO: An Open-Source LLM Reinforcement Learning System at
-    Scale", arXiv 2503.14476, §3.2 and eq. 11: train only on groups with 0 < #correct < G, over-sampling
-    until the batch is full). Here: B = len(samples) groups are wanted with total-reward spread (`has_signal`).
-
-    While fewer than B groups have signal, draw further prompts with `more(n)` (the curriculum's next ones),
-    sample and score their groups. Each round draws n = ceil(missing x drawn / with-signal) prompts (the
-    missing count at the signal rate seen so far in this step; missing x drawn when none had signal), so a
-    sparse step needs few rounds, each one batched decode; at most `max_draws` prompts per step in all, and
-    none once `more` runs dry. The trained batch is the first B groups with signal in draw order; when the cap
-    or the data ends the search, the earliest zero-signal groups fill it up to B (DAPO keeps the batch size;
-    they add only their KL term and count in the loss normaliser). Groups with signal beyond the B-th
-    (the last round's surplus) are dropped. The rollout is returned unchanged when no prompt was drawn.
-
-    Returns (trained rollout, its rewards, every sampled response in draw order, metrics: sampling/drawn =
-    prompts drawn beyond `samples`, sampling/dropped = groups not trained on, tokens/completion = every
-    round's tokens). [multi-GPU] One process only: ranks would draw different numbers of prompts, and FSDP
-    needs every rank to run the same forwards."""
-    if more is None:
-        raise ValueError("dynamic sampling needs `more`, a source of further prompts")
-    if world() > 1:
-        raise ValueError("--dynamic-sampling is not supported with several processes yet")
-    G, target = cfg.group_size, len(samples)
-    cap = max_draws(cfg.dynamic_sampling_max_draws, target)
-    drawn, rounds, scores = list(samples), [rollout], [rewards]
-    signal = has_signal(rewards["total"], G)
-    while int(signal.sum()) < target and len(drawn) - target < cap:
-        missing, found = target - int(signal.sum()), int(signal.sum())
-        new = list(more(min(math.ceil(missing * len(drawn) / max(found, 1)), cap - (len(drawn) - target))))
-        if not new:
-            break  # the stage's prompts are used up
-        extra = sample_groups(policy, new, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator, cfg.decode_chunk)
-        scores.append(score(new, extra.texts, reward_fn, G))
-        rounds.append(extra)
-        drawn += new
-        signal = torch.cat([signal, has_signal(scores[-1]["total"], G)])
-    texts = [t for r in rounds for t in r.texts]
-    tokens = float(sum(r.response_mask.sum() for r in rounds))
-    order = torch.arange(len(drawn))
-    keep = torch.cat([order[signal][:target], order[~signal]])[:target].sort().values  # signal first, then fill
-    counts = {"sampling/drawn": float(len(drawn) - target), "sampling/dropped": float(len(drawn) - len(keep)),
-              "tokens/completion": tokens}
-    if len(rounds) == 1:
-        return rollout, rewards, texts, counts
-    rows = (keep[:, None] * G + torch.arange(G)).flatten()
-    dev = rows.to(policy.device)
-    cat = lambda key, fill: _pad_cat([getattr(r, key) for r in rounds], fill)[dev]  # noqa: E731
-    kept = [drawn[i] for i in keep.tolist()]
-    trained = Rollout(prompts=encode_prompts(policy, kept), group_size=G,
-                      prompt_index=torch.arange(len(kept), device=policy.device).repeat_interleave(G),
-                      response_ids=cat("response_ids", policy.pad_id), response_mask=cat("response_mask", 0.0),
-                      texts=[texts[i] for i in rows.tolist()], logprobs=cat("logprobs", 0.0),
-                      entropy=cat("entropy", 0.0), finished=torch.cat([r.finished for r in rounds])[dev])
-    return trained, {k: torch.cat([s[k] for s in scores])[rows] for k in rewards}, texts, counts
-
-
-def _pad_cat(tensors: list[Tensor], fill) -> Tensor:
-    """[N_k, T_k] tensors right-padded with `fill` to the longest T and stacked along the rows."""
-    T = max(t.shape[1] for t in tensors)
-    return torch.cat([torch.nn.functional.pad(t, (0, T - t.shape[1]), value=fill) for t in tensors])
-
-
-def loss_denominator(rollout: "Rollout", cfg: GRPOConfig) -> float:
+def loss_denominator(rollout: Rollout, cfg: GRPOConfig) -> float:
     """The whole batch's normaliser (docs/rewardmap.md §4.2): its response-token count ("token"), response
     count ("sequence"), or response count x the token budget cfg.max_new_tokens ("constant", Dr. GRPO: the
     same for every step of a stage, whatever the responses' lengths). Every micro-batch divides by it, so the
@@ -456,20 +307,20 @@ class MicroBatch:
         return self.inputs[3]
 
 
-def micro_batches(rollout: "Rollout", advantages: Tensor, cfg: GRPOConfig) -> list[MicroBatch]:
+def micro_batches(rollout: Rollout, advantages: Tensor, cfg: GRPOConfig) -> list[MicroBatch]:
     """Split the rollout's rows into micro-batches of `cfg.micro_batch_size` for gradient accumulation.
 
     [speed] Whole groups, longest groups first: a group's rows share one prompt, which
     `shared_prompt_logprobs` then computes once (a micro_batch_size that is a multiple of G keeps every
     group in one micro-batch); sorting groups by their longest response cuts padding.
-    [speed] Without a KL term, rows with zero advantage have exactly zero gradient and are left out
-    (the loss normaliser still counts them, so the update is unchanged). [multi-GPU] Not with several ranks:
+    [speed] Without a KL term or an entropy bonus, rows with zero advantage have exactly zero gradient and are left
+    out (the loss normaliser still counts them, so the update is unchanged). [multi-GPU] Not with several ranks:
     under FSDP each rank must run as many forwards as the others.
     """
     G, lengths = cfg.group_size, rollout.response_mask.sum(1).cpu()
     longest_first = torch.argsort(lengths.view(-1, G).max(1).values, descending=True, stable=True)
     order = (longest_first[:, None] * G + torch.arange(G)).flatten()
-    if cfg.kl_coef == 0 and world() == 1:
+    if cfg.kl_coef == 0 and cfg.entropy_coef == 0 and world() == 1:
         order = order[advantages.cpu()[order] != 0]
     out = []
     for start in range(0, len(order), cfg.micro_batch_size):
@@ -516,7 +367,7 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
             # -A * grad log p (TRL does the same with num_iterations == 1)
             old = old if cfg.ppo_epochs > 1 else logp.detach()
             loss, m = policy_loss(logp, old, ref, advantages[mb.rows], mb.mask, cfg.clip_eps, cfg.kl_coef,
-                                  cfg.aggregation, denom, entropy, cfg.entropy_coef, cfg.kl_clamp)
+                                  cfg.aggregation, denom, entropy, cfg.entropy_coef, cfg.kl_clamp or None)
             loss.backward()
             w = float(mb.mask.sum())
             m["loss"] = float(loss.detach())
@@ -545,7 +396,7 @@ def policy_update(model, optimizer, batches: list[MicroBatch], advantages: Tenso
     return out
 
 
-def step_metrics(rewards: dict[str, Tensor], rollout: "Rollout", update: dict[str, float], times: dict[str, float],
+def step_metrics(rewards: dict[str, Tensor], rollout: Rollout, update: dict[str, float], times: dict[str, float],
                  group_size: int, sampling: dict[str, float] | None = None) -> dict[str, float]:
     """Everything in `METRICS`, in its order, from the step's rewards, rollout, update and timings (the timings
     are this rank's; everything else is over the whole batch, gathered from every rank in rank order).

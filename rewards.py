@@ -8,7 +8,7 @@
   or as the released code computes it (`variant="released"`, §3.5).
 - `difficulty_weight` is W = W_map + W_question (§3.6).
 
-The evaluation metrics built on these checks (Table 1) are eval.py's; `python sparsity.py` shows, in
+The evaluation metrics built on these checks (Table 1) are eval.py's; `python -m tools.sparsity` shows, in
 numbers, the sparse-reward problem the detail reward fixes.
 
 Totality: every function that reads a model response accepts any string and returns a finite value.
@@ -21,8 +21,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-import released
-from metro import MAP_DIFFICULTIES, PLUS_QTYPES, TORF_QTYPES, Metro, Sample, best_route
+from transit import released
+from transit.metro import MAP_DIFFICULTIES, PLUS_QTYPES, TORF_QTYPES, Metro, Sample, best_route
 
 MAX_RESPONSE_CHARS = 100_000  # ~25k tokens, 12x the 2,048-token response limit; the rest is ignored
 MAX_FIELD_CHARS = 200  # a station or line name longer than this is cut (names are < 60 chars)
@@ -30,47 +30,58 @@ MAX_SEGMENTS = 32  # real optimal routes have <= 6 segments; a longer answer is 
 DETAIL_MAX = 10.0  # Algorithm 1's `min(score, 10)`
 
 
+DETAIL_FLOOR = -10.0  # the detail reward's floor (RewardConfig.detail_floor; not in Algorithm 1)
+
+
 @dataclass(frozen=True)
 class RewardConfig:
-    """How a response is scored (docs/rewardmap.md §3). Frozen: derive variants with `dataclasses.replace`."""
+    """How a response is scored (docs/rewardmap.md §3). Each field is a flag of train.py (`--alpha`, `--no-detail-reward`).
+    Frozen: derive variants with `dataclasses.replace`."""
 
+    detail_reward: bool = True
+    """add the detail reward (planning only); --no-detail-reward is the paper's 'w/o detail reward' ablation"""
     alpha: float = 0.5
-    """weight of the detail reward inside the bracket (paper: 0.5)."""
-    use_detail: bool = True
-    """add the detail reward (planning only); False is the paper's 'w/o detail reward' ablation."""
-    use_difficulty: bool = True
-    """multiply by the difficulty weight; False gives every sample weight 1 (the released 'baseline' mode)."""
+    """weight of the detail reward inside the bracket (paper: 0.5)"""
+    difficulty_weight: bool = True
+    """multiply by the difficulty weight W; --no-difficulty-weight gives every sample W = 1 (the released 'baseline' mode)"""
     gammas: tuple[float, float, float] = (1.0, 1.2, 1.5)
-    """W_map for map difficulty easy / middle / hard."""
+    """W_map: map-difficulty weights for easy / middle / hard maps"""
     betas: tuple[float, float] = (0.0, 0.5)
-    """W_question for planning questions with 0 / >= 1 transfers (not added for the Plus types)."""
+    """W_question: added for planning questions with 0 / >= 1 transfers (not for the Plus types)"""
     format_score: float = 1.0
-    """R_format when the answer is in the required format. The paper gives no value and the released code
-    has no format term (0 reproduces it); 1 is a small shaping signal that never rivals a correct answer."""
+    """R_format of an answer in the required format. The paper gives no value and the released code has no format
+    term (0 reproduces it); 1 is a small shaping signal that never rivals a correct answer"""
     correct_score: float = 10.0
-    """R_correctness of a correct answer: 10 as in the released code, so a correct route (10) always beats
-    the best partial credit of a wrong one (alpha * 10 = 5)."""
+    """R_correctness of a correct answer: 10 as in the released code, so a correct route (10) always beats the best
+    partial credit of a wrong one (alpha x 10 = 5)"""
     detail_variant: str = "paper"
-    """'paper' (Algorithm 1 as printed, docs/rewardmap.md §3.4) or 'released' (the authors' code, §3.5)."""
-    detail_floor: float | None = -10.0
-    """lower bound of R_detail (deviation: Algorithm 1 only caps at 10). Each segment beyond the expected
-    count costs 5, so a rambling answer would otherwise reach -160 and swamp a GRPO group's std, flattening
-    every other advantage. None reproduces the unfloored value."""
-
-    parsing: str = "released"
-    """How correctness reads an answer (docs/rewardmap.md §3.3). 'released' (default): exactly as the authors'
-    released reward code does (released.py: the official ReasonMap-Plus answer extraction, with its fallbacks
-    when there is no box; the strict planning parser: exact keys, text after the last arrival kept, route
-    names exact metro keys), so the reward agrees with the evaluation Table 1 was computed with. 'lenient':
-    this project's reading of the paper's text (the last complete box; keys in any case or bold, route names
-    lightly normalised). With 'released' parsing and the 'released' detail variant the detail reward is the
-    released code's too (its parser); otherwise Algorithm 1 runs on the lenient parse."""
+    """detail reward: 'paper' (Algorithm 1 as written, docs/rewardmap.md §3.4) | 'released' (the authors' code, §3.5)"""
+    detail_floor: bool = True
+    """floor the detail reward at -10 (a deviation: Algorithm 1 only caps it at 10; each segment beyond the expected
+    count costs 5, so a rambling answer would reach -160 and swamp its group's std); --no-detail-floor: unfloored"""
+    lenient_parsing: bool = False
+    """judge correctness by this project's lenient reading of the paper's text (the last complete box; keys in any
+    case or bold, route names lightly normalised), not the released reward code's (docs/rewardmap.md §3.3)"""
 
     def __post_init__(self):
         if self.detail_variant not in ("paper", "released"):
-            raise ValueError(f"detail_variant must be 'paper' or 'released', got {self.detail_variant!r}")
-        if self.parsing not in ("released", "lenient"):
-            raise ValueError(f"parsing must be 'released' or 'lenient', got {self.parsing!r}")
+            raise ValueError(f"--detail-variant must be paper or released, got {self.detail_variant!r}")
+        if self.alpha < 0:
+            raise ValueError(f"--alpha must be >= 0, got {self.alpha!r}")
+
+    @property
+    def parsing(self) -> str:
+        """How correctness reads an answer: 'released' (default), exactly as the authors' released reward code does
+        (released.py: the official ReasonMap-Plus answer extraction with its fallbacks when there is no box; the
+        strict planning parser), so the reward agrees with the evaluation Table 1 was computed with; or 'lenient'.
+        With 'released' parsing and the 'released' detail variant the detail reward is the released code's too
+        (its parser); otherwise Algorithm 1 runs on the lenient parse."""
+        return "lenient" if self.lenient_parsing else "released"
+
+    @property
+    def floor(self) -> float | None:
+        """The detail reward's lower bound (None: unfloored)."""
+        return DETAIL_FLOOR if self.detail_floor else None
 
 
 @dataclass
@@ -79,7 +90,7 @@ class Reward:
 
     Ranges (defaults in brackets): format in {0, format_score} [{0, 1}]; correctness in {0, correct_score}
     [{0, 10}]; detail in [detail_floor, 10] for planning [-10, 10], 0 for the Plus types and when
-    `use_detail` is off; weight in [min(gammas), max(gammas) + max(betas)] [1.0, 2.0], or 1;
+    `detail_reward` is off; weight in [min(gammas), max(gammas) + max(betas)] [1.0, 2.0], or 1;
     total in [-10, 32] with the defaults. All finite.
     """
 
@@ -208,7 +219,7 @@ def detail_reward(
 
     `transfer_count` is the question's (the optimal route's) number of transfers. Returns a value in
     [floor, 10]; 0 when no segment parses. Without a floor the paper variant's minimum is
-    -5 * (MAX_SEGMENTS - transfer_count) + 2 + 4 + ... (about -155); `reward` passes `cfg.detail_floor`.
+    -5 * (MAX_SEGMENTS - transfer_count) + 2 + 4 + ... (about -155); `reward` passes `cfg.floor`.
     A correct route with t transfers scores min(6 + t, 10) ('paper') or 1 if t = 0 else min(4t, 10)
     ('released', where dropping the last transfer would score 4t + 1: a quirk of the authors' code).
     """
@@ -348,9 +359,9 @@ def plus_scores(sample: Sample, response: str) -> tuple[bool, bool]:
 
 def difficulty_weight(map_difficulty: str, transfer_count: int | None, cfg: RewardConfig) -> float:
     """W = W_map + W_question (docs/rewardmap.md §3.6): gammas by map difficulty, plus betas[0] (0 transfers) or betas[1]
-    (>= 1) for planning; `transfer_count=None` (the Plus types) adds nothing. 1.0 when `use_difficulty`
+    (>= 1) for planning; `transfer_count=None` (the Plus types) adds nothing. 1.0 when `cfg.difficulty_weight`
     is off. Raises ValueError on an unknown map difficulty or a negative transfer count (bad data)."""
-    if not cfg.use_difficulty:
+    if not cfg.difficulty_weight:
         return 1.0
     if map_difficulty not in MAP_DIFFICULTIES:
         raise ValueError(f"map difficulty must be one of {MAP_DIFFICULTIES}, got {map_difficulty!r}")
@@ -389,7 +400,7 @@ def reward(sample: Sample, response: str, cfg: RewardConfig = RewardConfig()) ->
 
     Plus types: format = one `\\boxed{}` holding an answer of the question's kind (see `plus_scores`), no
     detail. Planning: format = at least one parsed segment, detail = `detail_reward(cfg.detail_variant,
-    floor=cfg.detail_floor)`. Correctness: `is_correct(..., cfg.parsing)`. Never raises on the response; raises
+    floor=cfg.floor)`. Correctness: `is_correct(..., cfg.parsing)`. Never raises on the response; raises
     ValueError on a malformed sample (unknown qtype or map difficulty)."""
     if not isinstance(response, str):
         response = ""
@@ -399,11 +410,11 @@ def reward(sample: Sample, response: str, cfg: RewardConfig = RewardConfig()) ->
         fmt = bool(parse_segments(response))
         correct = is_correct(sample, response, cfg.parsing)
         detail = 0.0
-        if cfg.use_detail and cfg.parsing == "released" and cfg.detail_variant == "released":
+        if cfg.detail_reward and cfg.parsing == "released" and cfg.detail_variant == "released":
             detail = released.reward_detail(response, sample.metro, s1, s2, t)  # the released code, exactly
-            detail = detail if cfg.detail_floor is None else max(detail, float(cfg.detail_floor))
-        elif cfg.use_detail:
-            detail = detail_reward(response, sample.metro, s1, s2, t, cfg.detail_variant, cfg.detail_floor)
+            detail = detail if cfg.floor is None else max(detail, cfg.floor)
+        elif cfg.detail_reward:
+            detail = detail_reward(response, sample.metro, s1, s2, t, cfg.detail_variant, cfg.floor)
         weight = difficulty_weight(sample.map_difficulty, t, cfg)
     elif sample.qtype in PLUS_QTYPES:
         fmt = plus_scores(sample, response)[0]

@@ -13,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from metro import Sample, load_metro, route_text  # noqa: E402
+from transit.metro import Sample, load_metro, route_text  # noqa: E402
 import model as M  # noqa: E402
 
 # four cities of the released ReasonMap metro files (source and licence: tests/data/reasonmap-metro/README.md)

@@ -12,10 +12,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
-import distributed  # noqa: E402
+from scaling import distributed  # noqa: E402
 import grpo  # noqa: E402
 import model as M  # noqa: E402
-from metro import Sample  # noqa: E402
+from transit.metro import Sample  # noqa: E402
 
 B, G, T = 4, 2, 5
 

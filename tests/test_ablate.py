@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import ablate
+from tools import ablate
 import train
 
 # tiny runs: 3 cities, 2 prompts x 2 responses, 1 step per curriculum stage, 4 held-out questions
@@ -58,7 +58,7 @@ def test_table_rows_columns_and_values_by_hand(ablation):
                       "planning", "map score"]
     assert list(table) == [("RL baseline", "whole run (all), final model"), ("RewardMap", "judgement"),
                            ("RewardMap", "counting"), ("RewardMap", "planning"), ("RewardMap", "whole run, final model")]
-    assert "python ablate.py --rows rl-baseline rewardmap" in md and "Date: " in md
+    assert "python -m tools.ablate --rows rl-baseline rewardmap" in md and "Date: " in md
     assert list(results) == ROWS and [r["seed"] for r in results["rewardmap"]] == SEEDS
 
     runs = {row: [out / row / f"seed-{s}" for s in SEEDS] for row in ROWS}

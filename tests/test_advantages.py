@@ -11,6 +11,7 @@ from conftest import R, fresh, text_samples
 
 import grpo
 import train
+from variants import advantages as estimators
 
 # two groups of G = 4 (the rewards of tests/test_grpo.py::test_group_advantages_hand_computed)
 R4 = torch.tensor([1.0, 0, 0, 0, 3, 1, 2, 2])
@@ -38,8 +39,8 @@ def test_rloo_leave_one_out_baseline():
     close(grpo.advantages(R4, 4, "rloo"), [1, -1 / 3, -1 / 3, -1 / 3, 4 / 3, -4 / 3, 0, 0])
     r = torch.randn(15, generator=torch.Generator().manual_seed(0))
     loo = torch.stack([r[i] - torch.cat([r[i - i % 5 : i], r[i + 1 : i - i % 5 + 5]]).mean() for i in range(15)])
-    assert torch.allclose(grpo.rloo_advantages(r, 5), loo, atol=1e-6)
-    assert torch.equal(grpo.rloo_advantages(torch.tensor([1.0, 5.0]), 1), torch.zeros(2))  # G = 1: no other
+    assert torch.allclose(estimators.rloo_advantages(r, 5), loo, atol=1e-6)
+    assert torch.equal(estimators.rloo_advantages(torch.tensor([1.0, 5.0]), 1), torch.zeros(2))  # G = 1: no other
 
 
 def test_reinforce_pp_whitens_over_the_batch():
@@ -107,7 +108,7 @@ def test_batch_statistics_are_global_over_ranks(estimator, monkeypatch):
     rewards[8:12] += 10  # rank 1's groups score higher than rank 0's: per-rank statistics would differ
     one = grpo.advantages(rewards, G, estimator)
     world = ThreadWorld(3)
-    monkeypatch.setattr(sys.modules["advantages"], "all_sum", world.all_sum)
+    monkeypatch.setattr(sys.modules["variants.advantages"], "all_sum", world.all_sum)
     parts = world.run(lambda r: grpo.advantages(r, G, estimator), list(rewards.split(2 * G)))
     assert torch.allclose(torch.cat(parts), one, atol=1e-6)
 
@@ -186,9 +187,9 @@ def test_grpo_step_uses_the_estimator(tiny_lm):
 # ----------------------------------------------------------------------------- the flags
 
 def test_advantage_flag_and_dr_grpo_aggregation():
-    assert train.grpo_config(train.parse_args(["--advantage", "rloo"]), "judgement").advantage == "rloo"
+    assert train.stage_config(train.parse_args(["--advantage", "rloo"]), "judgement").advantage == "rloo"
     dr = train.parse_args(["--advantage", "dr-grpo"])
-    assert dr.aggregation == "constant" and train.grpo_config(dr, "judgement").aggregation == "constant"
+    assert dr.aggregation == "constant" and train.stage_config(dr, "judgement").aggregation == "constant"
     # an explicit --aggregation wins (one of Dr. GRPO's two fixes alone), also over a preset's
     assert train.parse_args(["--advantage", "dr-grpo", "--aggregation", "token"]).aggregation == "token"
     assert train.parse_args(["--preset", "released", "--advantage", "dr-grpo"]).aggregation == "constant"

@@ -7,9 +7,10 @@ import pytest
 import torch
 from conftest import colour_samples, fresh, text_samples
 
-import bench
+from tools import bench
 import grpo
 import model as M
+from speed import logprobs
 
 
 def _peak_rss_mb():
@@ -54,8 +55,8 @@ def test_shared_prompt_logprobs_equal_full_sequence_pass(kind, tiny_lm, tiny_vlm
     args = (ro.prompts, ro.prompt_index[idx], ro.response_ids[idx], ro.response_mask[idx])
     mask, params = args[3], list(policy.model.parameters())
     policy.model.train()
-    full = M.response_logprobs(policy.model, M.join_prompt_response(*args))
-    shared = M.shared_prompt_logprobs(policy.model, *args)
+    full = logprobs.response_logprobs(policy.model, M.join_prompt_response(*args))
+    shared = logprobs.shared_prompt_logprobs(policy.model, *args)
     assert ((full - shared) * mask).abs().max() < 1e-5
     assert ((shared - ro.logprobs[idx]) * mask).abs().max() < 1e-5  # and == the sampler's log-probs
     g_full = torch.autograd.grad((full * mask).sum(), params, allow_unused=True)

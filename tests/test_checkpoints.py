@@ -7,6 +7,7 @@ import torch
 
 import train
 from conftest import fresh
+from plumbing import checkpoints
 
 POSITION = {"stage_index": 0, "step_in_stage": 0, "global_step": 0}
 
@@ -33,11 +34,11 @@ def trained(policy):
 @pytest.mark.parametrize("keep", [1, 2])
 def test_keep_checkpoints_keeps_the_newest_n(keep, tmp_path, monkeypatch):
     # the model folder's content does not matter here: a stub writes an empty one (fast)
-    monkeypatch.setattr(train.models, "save_policy", lambda policy, folder, **k: Path(folder).mkdir(parents=True))
+    monkeypatch.setattr(checkpoints.models, "save_policy", lambda policy, folder, **k: Path(folder).mkdir(parents=True))
     out, cfg = tmp_path / "run", train.TrainConfig(keep_checkpoints=keep)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     for step in range(1, 6):
-        train.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": step}, cfg)
+        checkpoints.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": step}, cfg)
         assert latest_name(out) == f"step-{step:06d}"
         assert steps_on_disk(out) == [f"step-{s:06d}" for s in range(max(1, step - keep + 1), step + 1)]
     assert not list((out / "checkpoints").glob(".tmp-*"))
@@ -46,15 +47,15 @@ def test_keep_checkpoints_keeps_the_newest_n(keep, tmp_path, monkeypatch):
 def test_resumed_run_drops_what_a_killed_run_left(tmp_path, monkeypatch):
     """A kill mid-save leaves a .tmp folder, and a kill between renaming a step folder into place and
     repointing `latest` leaves a step folder ahead of `latest`: the next save removes both."""
-    monkeypatch.setattr(train.models, "save_policy", lambda policy, folder, **k: Path(folder).mkdir(parents=True))
+    monkeypatch.setattr(checkpoints.models, "save_policy", lambda policy, folder, **k: Path(folder).mkdir(parents=True))
     out, cfg = tmp_path / "run", train.TrainConfig(keep_checkpoints=2)
     optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])
     for step in (2, 4):
-        train.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": step}, cfg)
+        checkpoints.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": step}, cfg)
     (out / "checkpoints" / "step-000006").mkdir()  # renamed into place, `latest` not yet repointed
     (out / "checkpoints" / ".tmp-step-000008").mkdir()  # cut short
     assert latest_name(out) == "step-000004"
-    train.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": 5}, cfg)
+    checkpoints.save_checkpoint(out, None, optimizer, torch.Generator(), {**POSITION, "global_step": 5}, cfg)
     assert steps_on_disk(out) == ["step-000004", "step-000005"] and latest_name(out) == "step-000005"
     assert not list((out / "checkpoints").glob(".tmp-*"))
 
@@ -64,8 +65,8 @@ def test_checkpoint_reads_back_through_latest(tiny_lm, tmp_path):
     generator = torch.Generator().manual_seed(7)
     position = {"stage_index": 1, "step_in_stage": 2, "global_step": 3}
     cfg = train.TrainConfig(out=str(tmp_path / "run"))
-    written = train.save_checkpoint(tmp_path / "run", policy, optimizer, generator, position, cfg)
-    ckpt = train.latest_checkpoint(tmp_path / "run")
+    written = checkpoints.save_checkpoint(tmp_path / "run", policy, optimizer, generator, position, cfg)
+    ckpt = checkpoints.latest_checkpoint(tmp_path / "run")
     assert ckpt == written and ckpt.name == "step-000003"
     assert list(ckpt.glob("*.safetensors")) and (ckpt / "config.json").exists()
     state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
@@ -83,14 +84,14 @@ def test_resume_loads_the_trainer_state_on_the_cpu(tiny_lm, tmp_path, monkeypatc
     policy, optimizer = trained(tiny_lm)
     cfg = train.TrainConfig(out=str(out), cache_dir=str(tmp_path / "cache"), kl_coef=0.0)
     done = {**POSITION, "stage_index": len(train.curriculum.stage_names(cfg.curriculum)), "global_step": 4}
-    train.save_checkpoint(out, policy, optimizer, torch.Generator().manual_seed(1), done, cfg)
+    checkpoints.save_checkpoint(out, policy, optimizer, torch.Generator().manual_seed(1), done, cfg)
 
     loads, made, real_load, real_make = [], [], torch.load, train.precision.make_optimizer
     monkeypatch.setattr(train.torch, "load", lambda *a, **k: loads.append((a, k)) or real_load(*a, **k))
     monkeypatch.setattr(train.precision, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
     monkeypatch.setattr(train.data, "load_data", lambda *a: ([], []))
     monkeypatch.setattr(train.models, "load_model", lambda *a, **k: fresh(tiny_lm))
-    monkeypatch.setattr(train.models, "save_policy", lambda *a, **k: None)
+    monkeypatch.setattr(checkpoints.models, "save_policy", lambda *a, **k: None)
     train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
 
     (args, kwargs), = [(a, k) for a, k in loads if Path(a[0]).name == "trainer_state.pt"]

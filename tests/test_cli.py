@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from plumbing import cli
 import data
 import eval as evaluation
-import synthetic
+from offline import synthetic
 import train
 
 ROOT = Path(__file__).resolve().parents[1]

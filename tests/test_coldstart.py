@@ -9,7 +9,7 @@ import torch
 from conftest import colour_samples, fresh, plus_sample
 from test_train import ROOT, comparable, kill_script, rows, small_args
 
-import coldstart
+from variants import coldstart
 import train
 
 
@@ -62,7 +62,7 @@ def test_train_cold_starts_the_reference_too_and_resumes_exactly(tmp_path, capsy
 
 def test_cold_start_refusals():
     for flag in ("--cold-start", "--cold-start-lr"):
-        with pytest.raises(ValueError, match="--cold-start and --cold-start-lr must be >= 0"):
+        with pytest.raises(ValueError, match=f"{flag} must be >= 0"):
             train.parse_args([flag, "-1"])
     with pytest.raises(ValueError, match="--cold-start is for one process and full fine-tuning"):
         train.parse_args(["--cold-start", "5", "--lora-rank", "4"])

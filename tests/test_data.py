@@ -20,11 +20,11 @@ import pytest
 from PIL import Image
 
 import data
-import maps
-import synthetic
+from offline import maps
+from offline import synthetic
 from conftest import REAL_CITIES
 from conftest import REAL_METRO as REAL
-from metro import LETTERS, Sample, MAP_DIFFICULTIES, QTYPES, best_route, clean_metro, load_metro, route_text, strip_suffix, via_stops
+from transit.metro import LETTERS, Sample, MAP_DIFFICULTIES, QTYPES, best_route, clean_metro, load_metro, route_text, strip_suffix, via_stops
 
 
 # ------------------------------------------------------------------------------------------ helpers

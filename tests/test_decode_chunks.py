@@ -4,6 +4,7 @@ import torch
 
 import grpo
 from conftest import colour_samples, fresh, text_samples
+from speed import decode
 
 
 def _rollout(policy, samples, chunk, seed=0):
@@ -25,7 +26,7 @@ def test_chunked_decode_gives_identical_responses(tiny_vlm, tiny_lm, tmp_path):
 
 
 def test_auto_chunk_is_everything_on_cpu(tiny_lm):
-    assert grpo.auto_decode_chunk(tiny_lm, seq_len=4096, group_size=8, prompts=16) == 16
+    assert decode.auto_decode_chunk(tiny_lm, seq_len=4096, group_size=8, prompts=16) == 16
 
 
 def test_zero_probability_tokens_are_never_sampled():
@@ -35,8 +36,8 @@ def test_zero_probability_tokens_are_never_sampled():
     logits[0, :3] = torch.tensor([0.0, 1.0, 2.0])
     logits[1, 5] = 0.0
     edge = torch.full((2,), 1 - 2**-24)
-    picked = grpo._sample_token(logits, 1.0, 1.0, u=edge)
+    picked = decode.sample_token(logits, 1.0, 1.0, u=edge)
     assert torch.isfinite(logits.gather(-1, picked[:, None])).all(), picked
     assert picked.tolist() == [2, 5]
-    ones = grpo._sample_token(logits, 1.0, 1.0, u=torch.ones(2))  # beyond the range: still a real token
+    ones = decode.sample_token(logits, 1.0, 1.0, u=torch.ones(2))  # beyond the range: still a real token
     assert torch.isfinite(logits.gather(-1, ones[:, None])).all()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import distributed
+from scaling import distributed
 import train
 from test_train import comparable, kill_script, rows, small_args
 

@@ -1,4 +1,4 @@
-"""DAPO's dynamic sampling (grpo.dynamic_sampling, --dynamic-sampling): the trained batch holds only groups with
+"""DAPO's dynamic sampling (variants/dynamic_sampling.py, --dynamic-sampling): the trained batch holds only groups with
 reward spread, drawn prompts come from the curriculum's stream in order and are counted, the cap holds, and a
 resumed run draws exactly what the uninterrupted one drew."""
 import json
@@ -13,6 +13,8 @@ import curriculum
 import grpo
 import model as M
 import train
+from variants import dynamic_sampling
+from speed import logprobs
 
 
 class Rewards:
@@ -31,8 +33,8 @@ class Rewards:
 
 def test_has_signal_is_on_the_total_reward():
     total = torch.tensor([1.0, 1, 0, 0, 0, 0.5, -2, -2])  # groups of 2: equal, equal, spread, equal
-    assert grpo.has_signal(total, 2).tolist() == [False, False, True, False]
-    assert grpo.max_draws(0, 8) == 24 and grpo.max_draws(5, 8) == 5
+    assert dynamic_sampling.has_signal(total, 2).tolist() == [False, False, True, False]
+    assert dynamic_sampling.max_draws(0, 8) == 24 and dynamic_sampling.max_draws(5, 8) == 5
 
 
 def test_prompt_stream_takes_in_order_from_a_cursor():
@@ -57,7 +59,7 @@ def _trained(monkeypatch):
     def spy(rollout, adv, cfg):
         seen.update(rollout=rollout, adv=adv)
         with torch.no_grad():  # the policy before the update: these must be the sampler's log-probs
-            seen["logp"] = M.shared_prompt_logprobs(seen["policy"].model, rollout.prompts, rollout.prompt_index,
+            seen["logp"] = logprobs.shared_prompt_logprobs(seen["policy"].model, rollout.prompts, rollout.prompt_index,
                                                     rollout.response_ids, rollout.response_mask)
         return real(rollout, adv, cfg)
 
@@ -125,14 +127,13 @@ def test_all_groups_with_signal_is_the_plain_step(tiny_lm):
 
 
 def test_errors_without_a_source_or_with_several_ranks(tiny_lm, monkeypatch):
+    """Without a source of prompts grpo_step refuses; with several processes the run's config does (checked once,
+    in train.check_config)."""
     policy = fresh(tiny_lm)
     cfg = grpo.GRPOConfig(group_size=2, max_new_tokens=2, kl_coef=0.0, dynamic_sampling=True)
     opt = torch.optim.SGD(policy.model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="needs `more`"):
         grpo.grpo_step(policy, None, opt, text_samples(2), Rewards(flat={"0", "1"}), cfg)
-    monkeypatch.setattr(grpo, "world", lambda: 2)
-    with pytest.raises(ValueError, match="not supported with several processes"):
-        grpo.grpo_step(policy, None, opt, text_samples(2), Rewards(flat={"0", "1"}), cfg, more=lambda n: [])
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match="--dynamic-sampling is not supported with several processes yet"):
         train.parse_args(["--dynamic-sampling"])

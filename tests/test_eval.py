@@ -9,12 +9,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cli
+from plumbing import cli
 import data
 import eval as evaluation
 import rewards
-import synthetic
-from metro import route_text
+from offline import synthetic
+from transit.metro import route_text
 
 PLUS_W = {"easy": 1.0, "middle": 1.5, "hard": 2.0}  # docs/rewardmap.md §6.1, written out here, not read from eval.py
 

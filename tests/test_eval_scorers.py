@@ -8,7 +8,7 @@ import pytest
 
 from conftest import CHAIN, ans, plus_sample
 from eval import REASONMAP_PLUS_WEIGHTS, REASONMAP_WEIGHTS, map_score, planning_scores, plus_accuracy
-from metro import Sample, best_route, route_text
+from transit.metro import Sample, best_route, route_text
 
 
 def test_weight_tables_match_spec():

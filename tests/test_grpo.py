@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 import grpo
 import model as M
-import precision
+from scaling import precision
+from speed import logprobs
+from speed import decode
 
 
 # ----------------------------------------------------------------------------- advantages, KL, loss
@@ -161,7 +163,7 @@ def test_wrong_rotary_positions_are_detected(tiny_vlm, tmp_path):
     ro = grpo.sample_groups(policy, colour_samples(tmp_path, ["red", "blue"]), 2, 6,
                             generator=torch.Generator().manual_seed(0))
     prompts = dict(ro.prompts, next_pos=ro.prompts["next_pos"] + 1)
-    lp = M.response_logprobs(policy.model, M.join_prompt_response(prompts, ro.prompt_index, ro.response_ids,
+    lp = logprobs.response_logprobs(policy.model, M.join_prompt_response(prompts, ro.prompt_index, ro.response_ids,
                                                                   ro.response_mask))
     assert ((lp - ro.logprobs) * ro.response_mask).abs().max() > 1e-2
 
@@ -179,9 +181,9 @@ def test_sampling_is_reproducible(tiny_vlm, tmp_path):
 
 
 def _forced_end(stop_at, eos, calls):
-    """A grpo.forward_logits that makes end-of-turn certain for decode row n at step stop_at[n] (step t >= 1 is
+    """A decode.forward_logits that makes end-of-turn certain for decode row n at step stop_at[n] (step t >= 1 is
     the t-th decode forward; None: never forced), and counts the forwards in `calls`."""
-    real = grpo.forward_logits
+    real = decode.forward_logits
 
     def forward(model, batch, cache=None, **kw):
         out = real(model, batch, cache=cache, **kw)
@@ -202,7 +204,7 @@ def test_finished_rows_stop_and_others_are_unaffected(tiny_lm, monkeypatch):
     row has ended, the loop stops and the response is trimmed to the longest."""
     policy = fresh(tiny_lm, scale=0.05)
     samples, G, T, eos = text_samples(4), 4, 10, policy.eos_id
-    run = lambda stop_at, calls: (monkeypatch.setattr(grpo, "forward_logits", _forced_end(stop_at, eos, calls)),
+    run = lambda stop_at, calls: (monkeypatch.setattr(decode, "forward_logits", _forced_end(stop_at, eos, calls)),
                                   grpo.sample_groups(policy, samples, G, T, temperature=0.7,
                                                      generator=torch.Generator().manual_seed(0)))[1]
     a = run([None] * 16, [])
@@ -373,20 +375,20 @@ def test_sample_token_matches_softmax_masks_and_nucleus():
     g = torch.Generator().manual_seed(0)
     logits = torch.tensor([[0.0, 1.0, 2.0, float("-inf"), 0.5]]).repeat(100_000, 1)
     for t in (1.0, 0.5):
-        freq = torch.bincount(grpo._sample_token(logits, t, 1.0, g), minlength=5).float() / len(logits)
+        freq = torch.bincount(decode.sample_token(logits, t, 1.0, g), minlength=5).float() / len(logits)
         assert torch.allclose(freq, torch.softmax(logits[0] / t, -1), atol=0.01)
         assert freq[3] == 0
     # top-p 0.7: sorted probs .579 (kept), .213 (mass before .579 < .7: kept), .129 (before .792: dropped)
-    freq = torch.bincount(grpo._sample_token(logits, 1.0, 0.7, g), minlength=5).float() / len(logits)
+    freq = torch.bincount(decode.sample_token(logits, 1.0, 0.7, g), minlength=5).float() / len(logits)
     p = torch.softmax(logits[0], -1)
     assert torch.allclose(freq, torch.tensor([0, p[1], p[2], 0, 0]) / (p[1] + p[2]), atol=0.01)
-    assert torch.equal(grpo._sample_token(logits[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))  # greedy
+    assert torch.equal(decode.sample_token(logits[:3], 0.0, 1.0, g), torch.tensor([2, 2, 2]))  # greedy
 
 
 def _freq(logits, temperature, top_p, n=50_000, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = logits.repeat_interleave(n, 0)
-    drawn = grpo._sample_token(rows, temperature, top_p, g).view(len(logits), n)
+    drawn = decode.sample_token(rows, temperature, top_p, g).view(len(logits), n)
     return torch.stack([torch.bincount(d, minlength=logits.shape[-1]).float() / n for d in drawn])
 
 
@@ -425,7 +427,7 @@ def test_sampler_logprobs_equal_the_update_forward(tiny_vlm, tmp_path):
     samples = colour_samples(tmp_path, ["red", "blue", "red"], sizes=[(150, 60), (60, 60), (90, 120)])
     ro = grpo.sample_groups(policy, samples, 4, 6, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        lp = M.shared_prompt_logprobs(policy.model, ro.prompts, ro.prompt_index, ro.response_ids, ro.response_mask)
+        lp = logprobs.shared_prompt_logprobs(policy.model, ro.prompts, ro.prompt_index, ro.response_ids, ro.response_mask)
     assert torch.allclose(lp * ro.response_mask, ro.logprobs * ro.response_mask, atol=1e-4)
 
 

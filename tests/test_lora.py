@@ -7,8 +7,9 @@ import torch
 from conftest import colour_samples, fresh
 from torch import nn
 
-import lora
+from scaling import lora
 import model as M
+from speed import logprobs
 
 RANK, ALPHA = 4, 8.0
 # the tiny VLM (model.build_tiny_policy defaults): 2 language layers, hidden 64, MLP 256, 4 heads of 16 of
@@ -91,7 +92,7 @@ def test_zero_b_is_the_base_and_disabled_adapters_are_the_base(tiny_vlm, tmp_pat
         assert torch.equal(logits(policy.model, inputs), base)
     assert torch.equal(logits(policy.model, inputs), adapted)  # switched back on
     # autograd afterwards is untouched: gradients reach the adapters and only them
-    logp = M.shared_prompt_logprobs(policy.model, *inputs)
+    logp = logprobs.shared_prompt_logprobs(policy.model, *inputs)
     logp.sum().backward()
     assert all((p.grad is not None) == p.requires_grad for p in policy.model.parameters())
     assert all(p.grad.abs().sum() > 0 for p in policy.model.parameters() if p.requires_grad)
@@ -104,13 +105,13 @@ def test_training_moves_only_the_adapters(tiny_vlm, tmp_path):
     frozen = {n: p.detach().clone() for n, p in policy.model.named_parameters() if not p.requires_grad}
     adapters = {n: p.detach().clone() for n, p in policy.model.named_parameters() if p.requires_grad}
     with torch.no_grad(), lora.adapters_disabled(policy.model):
-        ref = M.shared_prompt_logprobs(policy.model, *inputs)
+        ref = logprobs.shared_prompt_logprobs(policy.model, *inputs)
     trainable = [p for p in policy.model.parameters() if p.requires_grad]  # as the trainer's optimizer takes them
     assert sum(p.numel() for p in trainable) == 11264
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=1e-2)
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
     for _ in range(3):  # a GRPO-like surrogate: -A log p over the response tokens
-        logp = M.shared_prompt_logprobs(policy.model, *inputs)
+        logp = logprobs.shared_prompt_logprobs(policy.model, *inputs)
         loss = -(advantages[:, None] * logp * inputs[3]).sum() / inputs[3].sum()
         optimizer.zero_grad()
         loss.backward()
@@ -119,9 +120,9 @@ def test_training_moves_only_the_adapters(tiny_vlm, tmp_path):
     assert all(torch.equal(after[n], v) for n, v in frozen.items())  # bit-identical base
     assert all(not torch.equal(after[n], v) for n, v in adapters.items())  # every A and B moved
     with torch.no_grad():
-        assert not torch.allclose(M.shared_prompt_logprobs(policy.model, *inputs), ref)
+        assert not torch.allclose(logprobs.shared_prompt_logprobs(policy.model, *inputs), ref)
         with lora.adapters_disabled(policy.model):  # the reference policy is still the initial one
-            assert torch.equal(M.shared_prompt_logprobs(policy.model, *inputs), ref)
+            assert torch.equal(logprobs.shared_prompt_logprobs(policy.model, *inputs), ref)
     # adapter-only state: what a checkpoint keeps, and it restores the trained adapters into a fresh wrap
     state = lora.adapter_state_dict(policy.model)
     assert len(state) == 28 and sum(v.numel() for v in state.values()) == 11264
@@ -228,12 +229,12 @@ def test_an_adapter_on_the_tied_lm_head(tiny_vlm, tmp_path):
     adapted = logits(policy.model, inputs)
     prompts, index, ids, mask = inputs
     batch = M.join_prompt_response(prompts, index, ids, mask)
-    fused = M.response_logprobs(policy.model, batch)
+    fused = logprobs.response_logprobs(policy.model, batch)
     plain = adapted[:, -ids.shape[1] - 1:-1].log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
     assert torch.allclose(fused, plain, atol=1e-5)
     with lora.adapters_disabled(policy.model):  # the reference: base head too
-        base = M.response_logprobs(policy.model, batch)
-    assert torch.allclose(base, M.response_logprobs(fresh(tiny_vlm).model, batch), atol=1e-6)
+        base = logprobs.response_logprobs(policy.model, batch)
+    assert torch.allclose(base, logprobs.response_logprobs(fresh(tiny_vlm).model, batch), atol=1e-6)
     lora.save_adapter(policy.model, tmp_path / "adapter")
     peft_model = PeftModel.from_pretrained(fresh(tiny_vlm).model, tmp_path / "adapter")
     assert torch.allclose(logits(peft_model.get_base_model(), inputs), adapted, atol=1e-5)

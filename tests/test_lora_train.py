@@ -10,7 +10,7 @@ import pytest
 import torch
 from test_train import ROOT, comparable, kill_script, rows, small_args
 
-import lora
+from scaling import lora
 import model as M
 import train
 

@@ -1,7 +1,9 @@
 """memory.py: the plan against hand-computed numbers, and against a real grpo_step's RSS on CPU."""
 import pytest
 
-import memory
+from offline import tiny_model
+from scaling import memory, shapes
+from tools import memory_check
 
 SEVEN_B_PARAMS = 8_292_166_656
 
@@ -12,10 +14,8 @@ def seven_b():
 
 
 def test_7b_shape_counts_match_the_published_model(seven_b):
-    import bench
-
     assert seven_b["params"] == SEVEN_B_PARAMS
-    assert memory.lm_params(seven_b) == bench.count_shape_params("7b")["lm_params"]  # the formula == the meta count
+    assert memory.lm_params(seven_b) == shapes.count_shape_params("7b")["lm_params"]  # the formula == the meta count
 
 
 def test_static_parts_by_hand(seven_b):
@@ -62,7 +62,7 @@ def test_table_rows(seven_b):
 def test_self_check_small_shape_agrees_within_20_percent():
     # hidden 1024, vocab 32000, 2 layers (~88 M params, ~1 GiB); smaller shapes drown in ~80 MB of fixed
     # CPU-runtime overhead (allocator arenas, oneDNN, threads) that the GPU model rightly leaves out
-    out = memory.self_check(memory.SMALL, verbose=False)
+    out = memory_check.self_check(memory_check.SMALL, verbose=False)
     assert 0.8 <= out["ratio"] <= 1.2, out
 
 
@@ -70,7 +70,7 @@ def test_self_check_lora_agrees_within_20_percent():
     """LoRA (rank 8, the reference = adapters disabled) against plan's LoRA terms, on a shape whose frozen base
     (~0.65 GiB in bf16) outweighs the CPU runtime's fixed overhead. It would fail if the frozen LM head got a
     float32 weight-gradient (+0.49 GiB here: plan counts none) or if a second copy of the model were made."""
-    out = memory.self_check(dict(memory.SMALL, hidden=2048, intermediate=5632, vocab=64000), lora_rank=8, verbose=False)
+    out = memory_check.self_check(dict(memory_check.SMALL, hidden=2048, intermediate=5632, vocab=64000), lora_rank=8, verbose=False)
     assert 0.8 <= out["ratio"] <= 1.2, out
 
 
@@ -113,7 +113,7 @@ def test_adapter_params_by_hand_and_as_lora_adds_them(seven_b):
     assert memory.lora_params(seven_b, 16) == SEVEN_B_ADAPTERS_R64 // 4
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    import lora
+    from scaling import lora
 
     small = dict(layers=2, hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=128)
     net = Qwen2ForCausalLM(Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
@@ -131,11 +131,8 @@ def test_qlora_bytes_per_quantized_weight_and_what_is_quantized(seven_b):
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    import bench
-    import model as M
-
     with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration(bench.shape_config("7b", M.build_tokenizer(M.builtin_corpus())))
+        m = Qwen2_5_VLForConditionalGeneration(shapes.shape_config("7b", tiny_model.build_tokenizer(tiny_model.builtin_corpus())))
     head = m.get_output_embeddings()
     linears = [mod for mod in m.modules() if isinstance(mod, torch.nn.Linear) and mod is not head]
     assert sum(mod.weight.numel() for mod in linears) == SEVEN_B_QUANTIZED

@@ -7,9 +7,11 @@ from PIL import Image
 from conftest import colour_samples, fresh, text_samples
 
 import grpo
-import lora
+from scaling import lora
 import model as M
-import precision
+from offline import tiny_model
+from scaling import precision
+from speed import logprobs
 
 
 def n_params(m):
@@ -50,7 +52,7 @@ def test_tiny_text_lm_loads_in_plain_transformers(tiny_lm, tiny_cache):
 
 def test_tokenizer_special_tokens_and_template(tiny_vlm):
     tok = tiny_vlm.tokenizer
-    for t in M.SPECIAL_TOKENS:
+    for t in tiny_model.SPECIAL_TOKENS:
         assert len(tok(t, add_special_tokens=False)["input_ids"]) == 1
     text = tok.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Q?"}]}],
                                    tokenize=False, add_generation_prompt=True)
@@ -58,7 +60,7 @@ def test_tokenizer_special_tokens_and_template(tiny_vlm):
     s = 'Route Name: Line 3\nDeparture Stop: Oak Station \\boxed{yes} 日本'
     assert tok.decode(tok(s)["input_ids"]) == s
     assert tiny_vlm.eos_id == tok.convert_tokens_to_ids("<|im_end|>")
-    specials = {tok.convert_tokens_to_ids(t) for t in M.SPECIAL_TOKENS} - {tiny_vlm.eos_id}
+    specials = {tok.convert_tokens_to_ids(t) for t in tiny_model.SPECIAL_TOKENS} - {tiny_vlm.eos_id}
     assert specials <= set(tiny_vlm.suppress_ids.tolist()) and tiny_vlm.eos_id not in tiny_vlm.suppress_ids
 
 
@@ -70,7 +72,7 @@ def test_pixel_budget_and_image_tokens(tiny_vlm, tmp_path):
     assert (grid[:, 1:].prod(-1) * 14 * 14 >= tiny_vlm.min_pixels).all()
     n_pad = (enc["input_ids"] == tiny_vlm.model.config.image_token_id).sum(1)
     assert n_pad.tolist() == (grid.prod(-1) // 4).tolist()
-    small = M.make_image_processor(max_pixels=56 * 56, min_pixels=28 * 28)
+    small = tiny_model.make_image_processor(max_pixels=56 * 56, min_pixels=28 * 28)
     out = small(images=[Image.open(samples[0].image)], return_tensors="pt")
     assert int(out["image_grid_thw"][0, 1:].prod()) * 14 * 14 <= 56 * 56
     mask = enc["attention_mask"]
@@ -113,7 +115,7 @@ def test_response_logprobs_match_naive_on_padded_batches(kind, tiny_vlm, tiny_lm
     g = torch.Generator().manual_seed(0)
     ro = grpo.sample_groups(policy, samples, group_size=2, max_new_tokens=7, generator=g)
     batch = M.join_prompt_response(ro.prompts, ro.prompt_index, ro.response_ids, ro.response_mask)
-    lp = M.response_logprobs(policy.model, batch, chunk=5)
+    lp = logprobs.response_logprobs(policy.model, batch, chunk=5)
     naive, ent = _naive_logprobs(policy, samples, ro)
     m = ro.response_mask
     assert torch.allclose(lp * m, naive * m, atol=1e-4), (lp * m - naive * m).abs().max()
@@ -130,7 +132,7 @@ def test_fused_head_logprobs_value_and_grad():
     hidden = torch.randn(2, 7, 6, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 13, (2, 7), generator=g)
     w1, w2 = torch.randn(2, 7, generator=g, dtype=torch.float64), torch.randn(2, 7, generator=g, dtype=torch.float64)
-    logp, ent = M.head_logprobs(model, hidden, tokens, chunk=3, with_entropy=True)  # 14 rows: a partial chunk
+    logp, ent = logprobs.head_logprobs(model, hidden, tokens, chunk=3, with_entropy=True)  # 14 rows: a partial chunk
     lsm = torch.log_softmax(hidden @ head.weight.T, -1)
     ref_logp, ref_ent = lsm.gather(-1, tokens[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
     assert torch.allclose(logp.double(), ref_logp, atol=1e-6) and torch.allclose(ent.double(), ref_ent, atol=1e-6)
@@ -138,7 +140,7 @@ def test_fused_head_logprobs_value_and_grad():
         g1 = torch.autograd.grad(ours.sum(), (hidden, head.weight), retain_graph=True)
         g2 = torch.autograd.grad(ref.sum(), (hidden, head.weight), retain_graph=True)
         assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2))
-    assert torch.equal(M.head_logprobs(model, hidden, tokens, chunk=3), logp)  # alone, without the entropy
+    assert torch.equal(logprobs.head_logprobs(model, hidden, tokens, chunk=3), logp)  # alone, without the entropy
 
 
 def test_fused_head_logprobs_with_a_lora_adapter_on_the_head():
@@ -153,7 +155,7 @@ def test_fused_head_logprobs_with_a_lora_adapter_on_the_head():
     hidden = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     tokens = torch.randint(0, 13, (2, 5), generator=g)
     w1, w2 = torch.randn(2, 5, generator=g, dtype=torch.float64), torch.randn(2, 5, generator=g, dtype=torch.float64)
-    logp, ent = M.head_logprobs(model, hidden, tokens, chunk=4, with_entropy=True)
+    logp, ent = logprobs.head_logprobs(model, hidden, tokens, chunk=4, with_entropy=True)
     lsm = torch.log_softmax(head(hidden), -1)  # the LoraLinear's own forward: W h + 3 B A h
     ref_logp, ref_ent = lsm.gather(-1, tokens[..., None]).squeeze(-1), -(lsm.exp() * lsm).sum(-1)
     assert torch.allclose(logp.double(), ref_logp, atol=1e-6) and torch.allclose(ent.double(), ref_ent, atol=1e-6)
@@ -162,7 +164,7 @@ def test_fused_head_logprobs_with_a_lora_adapter_on_the_head():
     g2 = torch.autograd.grad((ref_logp * w1 + ref_ent * w2).sum(), params)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g1, g2)) and g1[1].abs().sum() > 0
     with lora.adapters_disabled(head):  # the reference policy: the base head alone
-        base = M.head_logprobs(model, hidden, tokens, chunk=4)
+        base = logprobs.head_logprobs(model, hidden, tokens, chunk=4)
     plain = torch.log_softmax(hidden @ head.base_layer.weight.T, -1).gather(-1, tokens[..., None]).squeeze(-1)
     assert torch.allclose(base.double(), plain, atol=1e-6) and not torch.allclose(base.double(), ref_logp, atol=1e-3)
 

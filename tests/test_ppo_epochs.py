@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import grpo
-import precision
+from scaling import precision
 from conftest import fresh, text_samples
 
 

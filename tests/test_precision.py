@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as M
-import precision
+from scaling import precision
 import train
 from test_train import comparable, rows, small_args
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-import cli
+from plumbing import cli
 import data
 import eval as evaluation
 import rewards
-from metro import route_text
+from transit.metro import route_text
 
 FIXTURES = Path(__file__).resolve().parent / "data" / "released"
 

@@ -10,9 +10,9 @@ import time
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import released as R
+from transit import released as R
 from conftest import REAL_CITIES, REAL_METRO, ans, plus_sample
-from metro import Sample, load_metro
+from transit.metro import Sample, load_metro
 
 CQ, FP, DG, OR = "Clarke Quay Station", "Farrer Park Station", "Dhoby Ghaut Station", "Orchard Station"
 NE, NS = "North East Line", "North South Line"

@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.util import tensor_util
 
-import report
+from plumbing import report
 
 ROW = {"stage": "judgement", "step": 0, "global_step": 3, "reward/total": 1.5, "reward/accuracy": 0.25, "kl": 0.0,
        "loss": float("nan"), "grad_norm": None, "skipped_nonfinite": 0.0, "example": "\\boxed{yes}",
@@ -67,8 +67,8 @@ def test_missing_package_is_an_import_error_naming_it(package, hidden, tmp_path,
 def test_importing_report_needs_neither_package(monkeypatch):
     for name in ("tensorboard", "torch.utils.tensorboard", "wandb"):
         monkeypatch.setitem(sys.modules, name, None)
-    monkeypatch.delitem(sys.modules, "report")  # restored afterwards
-    fresh = importlib.import_module("report")
+    monkeypatch.delitem(sys.modules, "plumbing.report")  # restored afterwards
+    fresh = importlib.import_module("plumbing.report")
     assert fresh.open_reporter("none", None, {}, "run") is None
 
 

@@ -9,7 +9,7 @@ from dataclasses import replace
 import pytest
 
 from conftest import CHAIN, ans, plus_sample
-from metro import Sample, best_route, route_text, station_lines, via_stops
+from transit.metro import Sample, best_route, route_text, station_lines, via_stops
 from rewards import (
     RewardConfig,
     boxed_answers,
@@ -24,7 +24,7 @@ from rewards import (
     transfer_count,
 )
 
-LENIENT = RewardConfig(parsing="lenient")  # this project's reading of the paper's text (docs/rewardmap.md §3.3)
+LENIENT = RewardConfig(lenient_parsing=True)  # this project's reading of the paper's text (docs/rewardmap.md §3.3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -324,7 +324,7 @@ def test_difficulty_weight():
     assert difficulty_weight("hard", 0, cfg) == 1.5
     assert difficulty_weight("middle", 1, cfg) == pytest.approx(1.7)
     assert difficulty_weight("hard", 3, cfg) == 2.0
-    assert difficulty_weight("hard", 3, replace(cfg, use_difficulty=False)) == 1.0
+    assert difficulty_weight("hard", 3, replace(cfg, difficulty_weight=False)) == 1.0
     assert difficulty_weight("hard", 2, replace(cfg, gammas=(1.0, 1.5, 2.0), betas=(0.0, 0.8))) == pytest.approx(2.8)
     with pytest.raises(ValueError):
         difficulty_weight("medium", None, cfg)  # 'medium' is a question difficulty, not a map difficulty
@@ -337,9 +337,9 @@ def test_reward_switches_and_total(sg):
     r = reward(s, wrong)
     assert (r.format, r.correctness, r.detail, r.weight) == (1, 0, 7, 2.0)
     assert r.total == pytest.approx(2.0 * (1 + 0 + 0.5 * 7))
-    r = reward(s, wrong, RewardConfig(use_detail=False))
+    r = reward(s, wrong, RewardConfig(detail_reward=False))
     assert (r.detail, r.total) == (0, 2.0)
-    r = reward(s, wrong, RewardConfig(use_difficulty=False, alpha=1.0, format_score=0.0))
+    r = reward(s, wrong, RewardConfig(difficulty_weight=False, alpha=1.0, format_score=0.0))
     assert (r.weight, r.total) == (1.0, 7.0)
     r = reward(s, wrong, RewardConfig(detail_variant="released"))
     assert r.detail == 0  # "and": the arrival is wrong

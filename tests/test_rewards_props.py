@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from conftest import REAL_METRO
 from eval import map_score, planning_scores, plus_accuracy
-from maps import generate_metro
-from metro import Sample, best_route, load_metro, route_text
+from offline.maps import generate_metro
+from transit.metro import Sample, best_route, load_metro, route_text
 from rewards import (
     MAX_SEGMENTS,
     RewardConfig,
@@ -69,7 +69,7 @@ def check_reward(r, cfg=RewardConfig()):
     values = (r.format, r.correctness, r.detail, r.weight, r.total)
     assert all(isinstance(v, float) or isinstance(v, int) for v in values) and all(map(math.isfinite, values))
     assert r.format in (0, cfg.format_score) and r.correctness in (0, cfg.correct_score)
-    assert cfg.detail_floor <= r.detail <= 10
+    assert cfg.floor <= r.detail <= 10
     assert 1.0 <= r.weight <= 2.0
     assert -10 <= r.total <= 32
     assert r.total == pytest.approx(r.weight * (r.format + r.correctness + cfg.alpha * r.detail))
@@ -161,7 +161,7 @@ def test_best_route_is_correct_with_maximal_detail(name, metro, draw_data, style
     if style != 3:  # the released variant matches route names exactly, so no markdown there
         assert detail_reward(text, metro, s1, s2, t, "released") == (1 if t == 0 else min(4 * t, 10))
     assert map_score(text, metro, s1, s2, [route]) == min(10, 1 + 4 * len(route)) + 10
-    r = reward(planning_sample(metro, s1, s2, t), text, RewardConfig(parsing="lenient"))
+    r = reward(planning_sample(metro, s1, s2, t), text, RewardConfig(lenient_parsing=True))
     assert r.correctness == 10 and r.format == 1
     if style in (0, 2):  # the released parser: exact keys, nothing after the last arrival
         assert reward(planning_sample(metro, s1, s2, t), text).correctness == 10
@@ -212,9 +212,9 @@ def test_single_corruption_is_incorrect(name, metro, draw_data, kind):
 
 
 def test_sparsity_script_smoke(capsys):
-    """`python sparsity.py` in miniature: runs and reports shares in [0, 1], and the detail reward leaves
+    """`python -m tools.sparsity` in miniature: runs and reports shares in [0, 1], and the detail reward leaves
     fewer groups without signal than format + correctness alone."""
-    from sparsity import main
+    from tools.sparsity import main
 
     rows = main(["--groups", "4", "--p-correct", "0", "--seeds", "1", "--questions", "3"])
     out = capsys.readouterr().out

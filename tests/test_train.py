@@ -94,7 +94,8 @@ def kill_script(step: int, rank: int = 0) -> str:
     begins: a deterministic kill -9 (the metric lines and the latest checkpoint before it are known)."""
     return f"""
 import os, signal, sys
-import distributed, train
+from scaling import distributed
+import train
 real, calls = train.grpo.grpo_step, []
 def step(*a, **kw):
     calls.append(1)

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import grpo
-import maps
+from offline import maps
 import train
-from synthetic import make_questions
+from offline.synthetic import make_questions
 
 # The flags whose effect is checked by a behaviour test elsewhere instead of the recorder below.
 ELSEWHERE = {
@@ -31,16 +31,16 @@ CHANGES = {
     "model": (["--model", "/models/x"], {"load_model"}), "data": (["--data", "/data/x"], {"load_data"}),
     "cities": (["--cities", "7"], {"load_data"}),
     "preset": (["--preset", "released"], {"load_model", "reward", "grpo", "optimizer", "batches"}),
-    "no_detail_reward": (["--no-detail-reward"], REWARD), "alpha": (["--alpha", "0.25"], REWARD),
-    "no_difficulty_weight": (["--no-difficulty-weight"], REWARD), "gammas": (["--gammas", "1", "2", "3"], REWARD),
+    "detail_reward": (["--no-detail-reward"], REWARD), "alpha": (["--alpha", "0.25"], REWARD),
+    "difficulty_weight": (["--no-difficulty-weight"], REWARD), "correct_score": (["--correct-score", "5"], REWARD), "gammas": (["--gammas", "1", "2", "3"], REWARD),
     "betas": (["--betas", "0", "0.9"], REWARD), "detail_variant": (["--detail-variant", "released"], REWARD),
-    "format_score": (["--format-score", "0"], REWARD), "no_detail_floor": (["--no-detail-floor"], REWARD),
+    "format_score": (["--format-score", "0"], REWARD), "detail_floor": (["--no-detail-floor"], REWARD),
     "lenient_parsing": (["--lenient-parsing"], REWARD), "group_size": (["--group-size", "4"], GRPO),
     "batch_size": (["--batch-size", "3"], {"batches"}), "micro_batch_size": (["--micro-batch-size", "16"], GRPO),
     "lr": (["--lr", "1e-3"], {"optimizer"}), "weight_decay": (["--weight-decay", "0.1"], {"optimizer"}),
     "kl_coef": (["--kl-coef", "0"], {"grpo", "reference"}), "clip_eps": (["--clip-eps", "0.3"], GRPO),
     "ppo_epochs": (["--ppo-epochs", "2"], GRPO), "aggregation": (["--aggregation", "sequence"], GRPO),
-    "no_std_scale": (["--no-std-scale"], GRPO), "advantage": (["--advantage", "rloo"], GRPO),
+    "std_scale": (["--no-std-scale"], GRPO), "advantage": (["--advantage", "rloo"], GRPO),
     "dynamic_sampling": (["--dynamic-sampling"], {"grpo", "batches"}),
     "dynamic_sampling_max_draws": (["--dynamic-sampling-max-draws", "5"], GRPO), "max_new_tokens": (["--max-new-tokens", "9"], {"grpo", "evals"}),
     "planning_max_new_tokens": (["--planning-max-new-tokens", "30"], {"grpo", "evals"}),
@@ -68,7 +68,12 @@ CHANGES = {
 }
 
 
-REWARD_CONFIG = train.reward_config  # the real one (record() replaces it with a recorder that calls this)
+SCORE_FN = train.score_fn  # the real one (record() replaces it with a recorder that calls this)
+
+
+def part(cfg, cls) -> dict:
+    """The settings of `cfg` that belong to `cls` (the reward's, or a GRPO step's)."""
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)}
 
 
 @pytest.fixture(scope="module")
@@ -98,22 +103,22 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     m.setattr(train.report, "close", lambda rep: None)
     m.setattr(train.models, "reference_model", lambda p: got.__setitem__("reference", True) or object())
     m.setattr(train.precision, "make_optimizer", lambda *a, **k: got.__setitem__("optimizer", (a[1:], k)) or object())
-    m.setattr(train, "reward_config", lambda c: got.__setitem__("reward", REWARD_CONFIG(c)) or got["reward"])
+    m.setattr(train, "score_fn", lambda c: got.__setitem__("reward", part(c, train.rewards.RewardConfig)) or SCORE_FN(c))
 
     def step(policy, reference, optimizer, samples, reward_fn, gcfg, generator=None, more=None):
-        if gcfg.dynamic_sampling:  # as grpo.dynamic_sampling does when a quarter of the groups lack signal
+        if gcfg.dynamic_sampling:  # as variants/dynamic_sampling.py does when a quarter of the groups lack signal
             samples = samples + more(len(samples) // 4)
         got["batches"].append([s.id for s in samples])
-        got["grpo"].append(gcfg)
+        got["grpo"].append(part(gcfg, grpo.GRPOConfig))
         got["sampling"].append(torch.rand(1, generator=generator).item())  # the rollouts' random stream
         return {k: 0.0 for k in grpo.METRICS}, [""]
 
     m.setattr(train.grpo, "grpo_step", step)
     m.setattr(train.evaluation, "evaluate", lambda policy, probe, rc, *budgets, **k: got["evals"].append(
         (len(got["batches"]), [s.id for s in probe], budgets)) or {"n": len(probe)})
-    m.setattr(train, "save_checkpoint", lambda out, *a: got["checkpoints"].append((str(out), dict(a[3]))))
+    m.setattr(train.checkpoints, "save_checkpoint", lambda out, *a: got["checkpoints"].append((str(out), dict(a[3]))))
     m.setattr(train.models, "save_policy", lambda *a, **k: got.__setitem__("export", (str(a[1]), k)))
-    m.setattr(train, "plot_curves", lambda *a: None)
+    m.setattr(train.report, "plot_curves", lambda *a: None)
     try:
         train.train(cfg)
     except (OSError, ValueError) as e:  # e.g. --resume with no checkpoint: what the user gets is the result

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import re
 
-from metro import TYPE_NAMES, Metro, Sample
+from transit.metro import TYPE_NAMES, Metro, Sample
 
 MAX_RESPONSE_CHARS = 100_000  # the same cut as rewards.MAX_RESPONSE_CHARS
 TEST_CITIES = ("los_angeles", "miami", "toronto", "singapore", "auckland",

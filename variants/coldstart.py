@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import Policy, response_logprobs
-from prompts import encode_prompts, join_prompt_response
+from model import Policy, encode_prompts, join_prompt_response
+from speed.logprobs import response_logprobs
 
 
 SAVED = "cold-start.pt"

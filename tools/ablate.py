@@ -1,9 +1,9 @@
 """The paper's ablation rows on the tiny synthetic world: short stages, several seeds, one table and one plot.
 
-    python ablate.py                                   # 5 rows x 3 seeds, 20 steps per stage (~21 min, 2-core CPU)
-    python ablate.py --rows rl-baseline rewardmap --seeds 0 1 2 3 4
-    python ablate.py --max-steps-per-stage 0           # full stages (one pass over the data; ~4 min a run)
-    python ablate.py --cities 3 --batch-size 4         # any other flag goes to train.py, the same for every run
+    python -m tools.ablate                                   # 5 rows x 3 seeds, 20 steps per stage (~21 min, 2-core CPU)
+    python -m tools.ablate --rows rl-baseline rewardmap --seeds 0 1 2 3 4
+    python -m tools.ablate --max-steps-per-stage 0           # full stages (one pass over the data; ~4 min a run)
+    python -m tools.ablate --cities 3 --batch-size 4         # any other flag goes to train.py, the same for every run
 
 Rows (name: the train.py flags that make it; `--rows` takes the short names):
 
@@ -58,13 +58,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import cli
+from plumbing import cli
 import curriculum
 import data
 import eval as evaluation
 import model as models
 import train
-from metro import QTYPES
+from plumbing import checkpoints
+from transit.metro import QTYPES
 
 ROWS: dict[str, tuple[str, list[str]]] = {
     "rl-baseline": ("RL baseline", ["--curriculum", "none", "--no-detail-reward", "--no-difficulty-weight"]),
@@ -140,7 +141,7 @@ def final_eval(cfg: train.TrainConfig, folder: Path) -> dict:
     probe = train.held_out(test, set(QTYPES), cfg.eval_samples, cfg.seed)
     policy = models.load_model(str(folder / "model"), train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                dtype=models.compute_dtype(cfg.dtype))
-    summary = evaluation.evaluate(policy, probe, train.reward_config(cfg), *train.budgets(cfg), progress=False)
+    summary = evaluation.evaluate(policy, probe, cfg, *train.budgets(cfg), progress=False)
     return {**accuracies(summary), "n": summary["n"], "per_type": summary["per_type_accuracy"],
             "ids": [s.id for s in probe]}
 
@@ -156,7 +157,7 @@ def run_one(row: str, seed: int, argv: list[str], folder: Path, cache_dir: str) 
         print(f"[{row} seed {seed}] done earlier, skipped ({done})")
         return result
     full = argv + ["--out", str(folder), "--cache-dir", cache_dir]
-    if train.latest_checkpoint(folder) is not None:
+    if checkpoints.latest_checkpoint(folder) is not None:
         full.append("--resume")  # train.py refuses if the checkpoint's run had other settings
     print(f"[{row} seed {seed}] python train.py {shlex.join(full)}", flush=True)
     t0 = time.time()
@@ -283,7 +284,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     args, extra = ap.parse_known_args(argv)
     for flag in extra:
         if flag.split("=")[0] in OWN_FLAGS:
-            raise ValueError(f"{flag.split('=')[0]} is set by ablate.py for each run (see python ablate.py --help)")
+            raise ValueError(f"{flag.split('=')[0]} is set by ablate.py for each run (see python -m tools.ablate --help)")
     if args.max_steps_per_stage < 0 or args.eval_samples < 0:
         raise ValueError("--max-steps-per-stage and --eval-samples must be >= 0")
     if len(set(args.seeds)) != len(args.seeds):
@@ -310,13 +311,13 @@ def main(argv: list[str] | None = None) -> dict[str, list[dict]]:
     md = "\n".join([
         f"# RewardMap ablation ({len(args.rows)} rows x {len(args.seeds)} seeds: {', '.join(map(str, args.seeds))})",
         "",
-        f"Command: `{' '.join(['python ablate.py'] + ([shlex.join(given)] if given else []))}`",
+        f"Command: `{' '.join(['python -m tools.ablate'] + ([shlex.join(given)] if given else []))}`",
         (f"Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. This call: {elapsed / 60:.1f} min; "
          f"the runs' own training and evaluation: {runs_time / 60:.1f} min."),
         "",
         ("Mean ± sample standard deviation over seeds. Stage lines: means over that stage's GRPO steps and the "
          "end-of-stage evaluation on its question kinds; **whole run** lines: means over every step and the final "
-         "model on the same held-out sample of every kind (see `python ablate.py --help` / the docstring of ablate.py)."),
+         "model on the same held-out sample of every kind (see `python -m tools.ablate --help` / the docstring of ablate.py)."),
         "",
         table(results),
         "",

@@ -1,7 +1,7 @@
-"""Advantage estimators: one advantage per response from the step's total rewards (docs/rewardmap.md §4.1).
+"""The advantage estimators researchers compare GRPO's with (`--advantage`, docs/rewardmap.md §4.1).
 
-GRPO's group-relative advantage (`group_advantages`, the paper's) and the estimators researchers compare it
-with (`--advantage`): Dr. GRPO, RLOO, REINFORCE++ and its baseline variant; `advantages` picks one. Rewards
+GRPO's own group-relative advantage is grpo.group_advantages; here: Dr. GRPO, RLOO, REINFORCE++ and its
+baseline variant, one advantage per response from the step's total rewards; grpo.advantages picks one. Rewards
 come as [B*G] in contiguous groups of G (row n answers prompt n // G). The batch-wide ones use the whole
 global batch under torchrun (distributed.all_sum), so every rank gets what one process would compute.
 """
@@ -12,21 +12,13 @@ import math
 import torch
 from torch import Tensor
 
-from distributed import all_sum
+from scaling.distributed import all_sum
 
 
-def group_advantages(rewards: Tensor, group_size: int, scale: bool = True, eps: float = 1e-6) -> Tensor:
-    """A_i = (r_i - mean_g r) / (std_g r + eps) within each contiguous group of `group_size` (docs/rewardmap.md §4.1).
-
-    `std` is the unbiased sample std (as torch.std, TRL and verl); a group of equal rewards gives zeros,
-    and so does a group of one. `scale=False` only centres (the paper's text).
-    """
+def _centred(rewards: Tensor, group_size: int) -> Tensor:
+    """r_i - mean_g r within each contiguous group of `group_size`."""
     r = rewards.float().view(-1, group_size)
-    centred = r - r.mean(dim=1, keepdim=True)
-    if scale:
-        std = r.std(dim=1, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-        centred = centred / (std + eps)
-    return centred.reshape(-1)
+    return (r - r.mean(dim=1, keepdim=True)).reshape(-1)
 
 
 def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
@@ -36,7 +28,7 @@ def dr_grpo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     The std division weights a question by 1/std of its rewards: almost-always-right and almost-always-wrong
     questions get larger updates (the paper's "question-level difficulty bias"). The paper's other fix, the
     length bias of 1/|o_i|, is the loss's: `aggregation="constant"` (train.py's `--advantage dr-grpo` sets both)."""
-    return group_advantages(rewards, group_size, scale=False)
+    return _centred(rewards, group_size)
 
 
 def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
@@ -49,7 +41,7 @@ def rloo_advantages(rewards: Tensor, group_size: int) -> Tensor:
     so the baseline does not depend on the sample it scores (unbiased). A group of one gets zeros."""
     if group_size < 2:
         return torch.zeros_like(rewards.float())
-    return group_advantages(rewards, group_size, scale=False) * (group_size / (group_size - 1))
+    return _centred(rewards, group_size) * (group_size / (group_size - 1))
 
 
 def _batch_whiten(x: Tensor, eps: float) -> Tensor:
@@ -84,34 +76,4 @@ def reinforce_pp_baseline_advantages(rewards: Tensor, group_size: int, eps: floa
         c_i = r_i - mean_g r,     A_i = (c_i - mean_batch c) / (std_batch c + eps),
 
     i.e. GRPO's centring with one batch-wide scale instead of a per-group std (no difficulty bias)."""
-    return _batch_whiten(group_advantages(rewards, group_size, scale=False), eps)
-
-
-ESTIMATORS = ("grpo", "dr-grpo", "rloo", "reinforce++", "reinforce++-baseline")
-"""The advantage estimators `advantages` knows (train.py's `--advantage`)."""
-
-
-def advantages(rewards: Tensor, group_size: int, estimator: str = "grpo", std_scale: bool = True,
-               eps: float = 1e-6) -> Tensor:
-    """One advantage per response [B*G] from the total rewards [B*G] (contiguous groups), by `estimator`:
-
-        grpo                  (r - mean_g) / (std_g + eps)       (std_scale=False: r - mean_g)   group_advantages
-        dr-grpo               r - mean_g                                                         dr_grpo_advantages
-        rloo                  G/(G-1) (r - mean_g)                                               rloo_advantages
-        reinforce++           (r - mean_B) / (std_B + eps)       B: the whole (global) batch      reinforce_pp_advantages
-        reinforce++-baseline  whiten_B(r - mean_g)                                               reinforce_pp_baseline_advantages
-
-    `std_scale=False` is GRPO's switch only (the other estimators fix their own scale)."""
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"unknown advantage estimator {estimator!r}; choose one of {', '.join(ESTIMATORS)}")
-    if not std_scale and estimator != "grpo":
-        raise ValueError(f"std_scale=False is GRPO's option; {estimator!r} sets its own scale")
-    if estimator == "grpo":
-        return group_advantages(rewards, group_size, scale=std_scale, eps=eps)
-    if estimator == "dr-grpo":
-        return dr_grpo_advantages(rewards, group_size)
-    if estimator == "rloo":
-        return rloo_advantages(rewards, group_size)
-    if estimator == "reinforce++":
-        return reinforce_pp_advantages(rewards, eps)
-    return reinforce_pp_baseline_advantages(rewards, group_size, eps)
+    return _batch_whiten(_centred(rewards, group_size), eps)

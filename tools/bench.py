@@ -1,11 +1,11 @@
 """bench.py: time one GRPO step of the project on a fixed, seeded workload (and TRL's, side by side).
 
-    python bench.py                                  # tiny-text, 10 timed steps after 1 warm-up
-    python bench.py --vs-trl                         # + TRL's GRPOTrainer on the same workload, interleaved
-    python bench.py --workload tiny-vlm              # tiny Qwen2.5-VL, rendered map images
-    python bench.py --workload qwen2.5-vl-7b-shape   # CUDA: real architecture, random bf16 weights
-    python bench.py --workload qwen2.5-vl-7b-shape --count-params   # any machine: meta device, no memory
-    python bench.py --bf16-check                     # do bf16 updates at lr 1e-6 survive? (precision.py)
+    python -m tools.bench                                  # tiny-text, 10 timed steps after 1 warm-up
+    python -m tools.bench --vs-trl                         # + TRL's GRPOTrainer on the same workload, interleaved
+    python -m tools.bench --workload tiny-vlm              # tiny Qwen2.5-VL, rendered map images
+    python -m tools.bench --workload qwen2.5-vl-7b-shape   # CUDA: real architecture, random bf16 weights
+    python -m tools.bench --workload qwen2.5-vl-7b-shape --count-params   # any machine: meta device, no memory
+    python -m tools.bench --bf16-check                     # do bf16 updates at lr 1e-6 survive? (precision.py)
 
 Prints one table and one JSON line: seconds per step split into rollout / scoring / log-probs (reference
 pass) / update, completion tokens per second, peak memory (process RSS on CPU, max_memory_allocated on
@@ -51,21 +51,10 @@ from pathlib import Path
 
 import torch
 
-import cli
-import precision
-
-# Qwen2.5-VL published config values (config.json of Qwen/Qwen2.5-VL-{3B,7B}-Instruct).
-_VISION = dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, patch_size=14, spatial_merge_size=2,
-               temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31], hidden_act="silu")
-QWEN25_VL = {
-    "3b": dict(hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
-               num_key_value_heads=2, vocab_size=151936, tie_word_embeddings=True, rms_norm_eps=1e-6,
-               max_position_embeddings=128000, rope_theta=1e6, mrope_section=[16, 24, 24]),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-               num_key_value_heads=4, vocab_size=152064, tie_word_embeddings=False, rms_norm_eps=1e-6,
-               max_position_embeddings=128000, rope_theta=1e6, mrope_section=[16, 24, 24]),
-}
-
+from offline import tiny_model
+from plumbing import cli
+from scaling import precision
+from scaling.shapes import QWEN25_VL, count_shape_params, shape_config  # noqa: F401
 
 @dataclasses.dataclass
 class Workload:
@@ -100,8 +89,8 @@ GPU_DEFAULTS = {"h100": (3350.0, 989.0), "h200": (4800.0, 989.0)}  # HBM GB/s, d
 
 def bench_samples(n: int, with_images: bool, image_dir: Path, seed: int = 0):
     """n questions (mixed types) about one seeded synthetic city; its map rendered when `with_images`."""
-    from maps import generate_city, render_map
-    from synthetic import make_questions
+    from offline.maps import generate_city, render_map
+    from offline.synthetic import make_questions
 
     city = generate_city(zlib.crc32(f"bench:{seed}".encode()), "easy")
     questions = make_questions(city.metro, random.Random(seed), 2, city=city.slug)
@@ -115,35 +104,6 @@ def bench_samples(n: int, with_images: bool, image_dir: Path, seed: int = 0):
     return [dataclasses.replace(s, image=str(image) if image else None) for s in picked]
 
 
-def shape_config(arch: str, tok):
-    """Qwen2.5-VL config at the published size, with this tokenizer's special-token ids."""
-    from transformers import Qwen2_5_VLConfig
-
-    a = dict(QWEN25_VL[arch])
-    rope = {"rope_type": "default", "rope_theta": a.pop("rope_theta"), "mrope_section": a.pop("mrope_section")}
-    ids = tok.convert_tokens_to_ids
-    vision = dict(_VISION, out_hidden_size=a["hidden_size"])
-    return Qwen2_5_VLConfig(text_config=dict(a, rope_parameters=rope), vision_config=vision,
-                            tie_word_embeddings=a["tie_word_embeddings"], image_token_id=ids("<|image_pad|>"),
-                            video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                            vision_end_token_id=ids("<|vision_end|>"))
-
-
-def count_shape_params(arch: str) -> dict:
-    """Build the shape model on the meta device (no memory) and count parameters."""
-    import model as M
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    cfg = shape_config(arch, M.build_tokenizer(M.builtin_corpus()))
-    with torch.device("meta"):
-        m = Qwen2_5_VLForConditionalGeneration(cfg)
-    total = sum(p.numel() for p in m.parameters())
-    vision = sum(p.numel() for p in m.model.visual.parameters())
-    embed = m.get_input_embeddings().weight.numel()
-    return {"params": total, "vision_params": vision, "lm_params": total - vision, "embed_params": embed,
-            "tied": bool(cfg.tie_word_embeddings)}
-
-
 def make_policy(w: Workload, device: torch.device, cache_dir: Path):
     """The workload's policy: the tiny model, or the real architecture with random bf16 weights on the GPU."""
     import model as M
@@ -153,7 +113,7 @@ def make_policy(w: Workload, device: torch.device, cache_dir: Path):
                                    device=str(device))
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tok = M.build_tokenizer(M.builtin_corpus())
+    tok = tiny_model.build_tokenizer(tiny_model.builtin_corpus())
     torch.manual_seed(0)
     attn = M.default_attn_implementation(torch.device(device))
     cfg = shape_config(w.arch, tok)
@@ -162,7 +122,7 @@ def make_policy(w: Workload, device: torch.device, cache_dir: Path):
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
     if w.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    proc = M.make_image_processor(14, 2, w.max_pixels, 56 * 56)
+    proc = tiny_model.make_image_processor(14, 2, w.max_pixels, 56 * 56)
     return M._make_policy(model, tok, proc, device, w.max_pixels, 56 * 56)
 
 
@@ -416,13 +376,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     if args.memory_plan:
-        import memory
+        from scaling import memory
+        from tools import memory_check
 
         out = {"memory_plan": memory.table()}
         memory.print_table(out["memory_plan"])
         if args.self_check:
-            out["self_check"] = memory.self_check()
-            out["self_check_lora"] = memory.self_check(lora_rank=memory.LORA_RANK)
+            out["self_check"] = memory_check.self_check()
+            out["self_check_lora"] = memory_check.self_check(lora_rank=memory.LORA_RANK)
         return out
     if args.bf16_check:
         return bf16_check(cache_dir=args.cache_dir)

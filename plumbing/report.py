@@ -15,6 +15,7 @@ importing this module needs neither; a missing one is an ImportError naming the 
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import numbers
 from dataclasses import dataclass
@@ -137,3 +138,34 @@ def close(reporter: Reporter | None) -> None:
         reporter.backend.close()
     else:
         reporter.backend.finish()
+
+
+def plot_curves(metrics_path: Path, png: Path) -> None:
+    """Reward components, accuracy and KL per step, with dotted lines at stage boundaries."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(l) for l in metrics_path.read_text().splitlines() if l.strip()]
+    if not rows:
+        return
+    x = [r["global_step"] for r in rows]
+    panels = [("reward", ["reward/total", "reward/format", "reward/correctness", "reward/detail"]),
+              ("accuracy", ["reward/accuracy", "groups/zero_std_frac"]), ("KL to reference", ["kl"])]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(9, 8), sharex=True)
+    for ax, (title, keys) in zip(axes, panels):
+        for k in keys:
+            if k in rows[0]:
+                ax.plot(x, [r.get(k, math.nan) for r in rows], label=k, lw=1)
+        ax.set_title(title, fontsize=10, loc="right")
+        ax.legend(fontsize=7, loc="upper left")
+        for prev, cur in zip(rows, rows[1:]):
+            if cur["stage"] != prev["stage"]:
+                ax.axvline(cur["global_step"] - 0.5, color="grey", ls=":")
+    for prev, cur in [(None, rows[0])] + list(zip(rows, rows[1:])):
+        if prev is None or cur["stage"] != prev["stage"]:
+            axes[0].annotate(cur["stage"], (cur["global_step"], 1.0), xycoords=("data", "axes fraction"), fontsize=8, va="bottom")
+    axes[-1].set_xlabel("GRPO step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)

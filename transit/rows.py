@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, TYPE_NAMES, Metro, Sample,
+from transit.metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, TYPE_NAMES, Metro, Sample,
                    Segment, best_route, clean_metro, load_metro, question_difficulty, route_plan, route_text,
                    strip_suffix)
 

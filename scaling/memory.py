@@ -35,17 +35,15 @@ The phases are the ones above (backward still runs through the frozen base), les
 weight-gradient (frozen), plus the adapters' own activations (`_adapter_bytes`). `fit_micro_batch` picks the
 largest micro-batch that fits a card, `table` adds LoRA / QLoRA rows per card size (LORA_CARDS).
 
-`self_check` builds a Qwen2 text model with real widths, runs real grpo_step's in a subprocess and compares
-the peak RSS increase over the pre-model baseline with `plan` for the same shape and batch.
+tools/memory_check.py checks `plan` on the CPU: a Qwen2 text model with real widths, real grpo_step's in a
+subprocess, its peak RSS increase against `plan` for the same shape and batch.
 """
 from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 
-import precision
+from scaling import precision, shapes
 
 GiB = 2**30
 # A card sold as N GB holds ~N GiB (GPU memory is binary: nvidia-smi shows 24,564 MiB on a 24 GB RTX 4090,
@@ -112,20 +110,16 @@ def base_weight_bytes(s: dict, qlora: bool) -> float:
 
 
 def _vision_linears(out_hidden: int) -> list[tuple[int, int, int]]:
-    """(in, out, count) of the Qwen2.5-VL vision tower's nn.Linear layers (bench._VISION): per block qkv, proj,
+    """(in, out, count) of the Qwen2.5-VL vision tower's nn.Linear layers (shapes.VISION): per block qkv, proj,
     gate, up, down; then the patch merger's two-layer MLP over 2x2 merged patches into the LM's width."""
-    import bench
-
-    v = bench._VISION
+    v = shapes.VISION
     d, i, n, m = v["hidden_size"], v["intermediate_size"], v["depth"], v["hidden_size"] * v["spatial_merge_size"] ** 2
     return [(d, 3 * d, n), (d, d, n), (d, i, n), (d, i, n), (i, d, n), (m, m, 1), (m, out_hidden, 1)]
 
 
 def shape_of(arch: str) -> dict:
-    """The shape dict of Qwen2.5-VL-3B / 7B (bench.QWEN25_VL, parameters counted on the meta device)."""
-    import bench
-
-    a, c = bench.QWEN25_VL[arch], bench.count_shape_params(arch)
+    """The shape dict of Qwen2.5-VL-3B / 7B (shapes.QWEN25_VL, parameters counted on the meta device)."""
+    a, c = shapes.QWEN25_VL[arch], shapes.count_shape_params(arch)
     vision = _vision_linears(a["hidden_size"])
     return dict(layers=a["num_hidden_layers"], hidden=a["hidden_size"], intermediate=a["intermediate_size"],
                 heads=a["num_attention_heads"], kv_heads=a["num_key_value_heads"], vocab=a["vocab_size"],
@@ -337,88 +331,3 @@ def print_table(rows: list[dict]) -> None:
 
 
 # ----------------------------------------------------------------------------- the CPU check
-
-SEVEN_B_2L = dict(layers=2, hidden=3584, intermediate=18944, heads=28, kv_heads=4, vocab=152064, tied=False,
-                  vision_params=0)
-SMALL = dict(layers=2, hidden=1024, intermediate=2816, heads=16, kv_heads=4, vocab=32000, tied=False, vision_params=0)
-
-_MEASURE = r"""
-import itertools, json, resource, sys, types
-import torch
-import grpo, model as M
-from metro import Sample
-from transformers import Qwen2Config, Qwen2ForCausalLM
-s, steps = json.loads(sys.argv[1]), int(sys.argv[2])
-torch.manual_seed(0)
-tok = M.build_tokenizer(M.builtin_corpus())
-rss = lambda: int(open('/proc/self/statm').read().split()[1]) * resource.getpagesize()
-base = rss()
-cfg = Qwen2Config(vocab_size=s['vocab'], hidden_size=s['hidden'], intermediate_size=s['intermediate'],
-                  num_hidden_layers=s['layers'], num_attention_heads=s['heads'], num_key_value_heads=s['kv_heads'],
-                  tie_word_embeddings=s['tied'], max_position_embeddings=4096)
-net = Qwen2ForCausalLM._from_config(cfg, dtype=torch.bfloat16, attn_implementation='sdpa')
-net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
-policy = M._make_policy(net, tok, None, 'cpu', None, None)
-policy.suppress_ids = torch.cat([policy.suppress_ids, torch.tensor([policy.eos_id])])  # full-length responses
-if s['lora_rank']:  # train.py --lora-rank: the adapters on the default targets, the reference = adapters disabled
-    import lora
-    lora.add_lora(net, s['lora_rank'], 2.0 * s['lora_rank'])
-    ref = net
-else:
-    ref = M.reference_model(policy)
-opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-6, foreach=False)
-q = 'Is Alder Station on Line 2 of the metro map, and how many stations lie between Birch Station and Dove Station?'
-samples = [Sample(id=str(i), qtype='torf2', question=q, answer='no', image=None, metro={}) for i in range(s['prompts'])]
-count = itertools.count()
-reward = lambda sample, text: types.SimpleNamespace(total=float(next(count) % 3), format=0.0, correctness=0.0, detail=0.0)
-gcfg = grpo.GRPOConfig(group_size=s['group_size'], max_new_tokens=s['response_len'], micro_batch_size=s['micro_batch'],
-                       kl_coef=1e-3)
-prompt_len = M.encode_prompts(policy, samples)['input_ids'].shape[1]
-built = rss()
-for _ in range(steps):
-    grpo.grpo_step(policy, ref, opt, samples, reward, gcfg, generator=torch.Generator().manual_seed(0))
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(json.dumps(dict(params=sum(p.numel() for n, p in net.named_parameters() if 'lora_' not in n), prompt_len=prompt_len,
-                      base=base, built=built, peak=peak)))
-"""
-
-
-def self_check(shape: dict = SEVEN_B_2L, prompts: int = 1, group_size: int = 2, response_len: int = 16,
-               micro_batch: int = 2, steps: int = 2, verbose: bool = True, lora_rank: int = 0) -> dict:
-    """Run `steps` real grpo_step's (bf16 weights, torch AdamW with bf16 moments, bf16 reference) in a
-    subprocess; compare its peak RSS over the pre-model baseline with `plan` (2 steps: the second has moments).
-    `lora_rank` > 0: LoRA adapters of that rank on the default targets (float32, float32 moments), the reference
-    the same model with its adapters disabled, against plan's LoRA terms."""
-    s = dict(shape, params=lm_params(shape))
-    moments = 8 if lora_rank else 4  # torch AdamW keeps moments in the parameter's dtype: float32 adapters
-    need = plan(s, "plain", False, 1, prompts, group_size, 64, response_len, micro_batch, prompts,
-                moments_bytes=moments, foreach=False, lora_rank=lora_rank)["peak"]
-    if verbose:
-        print(f"self-check: {s['params']:,} params, plan says ~{need / GiB:.1f} GiB of RAM (bf16: float32 would "
-              f"need ~{s['params'] * 20 / GiB:.0f} GiB), running {steps} grpo_step in a subprocess...", flush=True)
-    arg = json.dumps(dict(shape, prompts=prompts, group_size=group_size, response_len=response_len,
-                          micro_batch=micro_batch, lora_rank=lora_rank))
-    done = subprocess.run([sys.executable, "-c", _MEASURE, arg, str(steps)], capture_output=True, text=True,
-                          cwd=str(__import__("pathlib").Path(__file__).parent))
-    if done.returncode != 0:
-        raise RuntimeError(f"self-check subprocess failed:\n{done.stderr[-3000:]}")
-    m = json.loads(done.stdout.strip().splitlines()[-1])
-    assert m["params"] == s["params"], (m["params"], s["params"])
-    p = plan(s, "plain", False, 1, prompts, group_size, m["prompt_len"], response_len, micro_batch, prompts,
-             moments_bytes=moments, foreach=False, lora_rank=lora_rank)
-    if lora_rank:  # CPU only: ATen's bf16 linear copies a frozen weight when its input is a strided slice, as
-        # transformers' logits_to_keep hands the LM head in the rollout (+2 V H bytes; a trained weight is not copied)
-        p["rollout_kv"] += 2 * s["vocab"] * s["hidden"]
-        p["peak"] = peak(p)
-    measured = m["peak"] - m["base"]
-    out = dict(params=s["params"], prompt_len=m["prompt_len"], predicted_gib=p["peak"] / GiB,
-               measured_gib=measured / GiB, ratio=p["peak"] / measured,
-               built_gib=(m["built"] - m["base"]) / GiB, predicted_built_gib=(p["weights"] + p["reference"]) / GiB,
-               parts_gib={k: round(v / GiB, 3) for k, v in p.items() if k != "decode_chunk"})
-    out["agree"] = abs(out["ratio"] - 1) <= 0.2
-    if verbose:
-        print(f"predicted {out['predicted_gib']:.2f} GiB vs measured {out['measured_gib']:.2f} GiB peak "
-              f"(ratio {out['ratio']:.3f}; weights+reference after build: predicted {out['predicted_built_gib']:.2f}"
-              f", measured {out['built_gib']:.2f}) -> {'AGREE' if out['agree'] else 'DISAGREE'} within 20%")
-        print(json.dumps({"self_check": out}))
-    return out

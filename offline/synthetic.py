@@ -15,8 +15,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from maps import generate_city, render_map
-from metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_plan,
+from offline.maps import generate_city, render_map
+from transit.metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_plan,
                    route_text, station_lines, via_stops)
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """How often does a GRPO group get no gradient? The sparse-reward problem the detail reward fixes, in numbers.
 
-    python sparsity.py                      # G = 4, 8, 16 x p_correct = 0, 0.05, 0.2 (about 20 s)
-    python sparsity.py --groups 8 --p-correct 0.05 --detail-variant released
+    python -m tools.sparsity                      # G = 4, 8, 16 x p_correct = 0, 0.05, 0.2 (about 20 s)
+    python -m tools.sparsity --groups 8 --p-correct 0.05 --detail-variant released
 
 A group whose G rewards are all equal has zero advantage for every response (docs/rewardmap.md §4.1), so
 it contributes nothing to the update. This script simulates a weak policy answering planning questions on
@@ -15,9 +15,9 @@ import argparse
 import random
 from dataclasses import replace
 
-import cli
-from maps import generate_metro
-from metro import MAP_DIFFICULTIES, Metro, Sample, Segment, best_route, route_text
+from plumbing import cli
+from offline.maps import generate_metro
+from transit.metro import MAP_DIFFICULTIES, Metro, Sample, Segment, best_route, route_text
 from rewards import RewardConfig, reward
 
 CORRUPTIONS = ("wrong_line", "wrong_stop", "broken_transfer", "extra_segment", "missing_segment", "direct")
@@ -66,7 +66,7 @@ def analyze(groups=(4, 8, 16), p_correct=(0.0, 0.05, 0.2), p_garbage=0.05, n_see
     rng = random.Random(seed)
     cities = analysis_cities(n_seeds)
     source = f"synthetic cities (seeds 0-{n_seeds - 1} x easy/middle/hard)"
-    sparse_cfg = replace(cfg, use_detail=False)
+    sparse_cfg = replace(cfg, detail_reward=False)
     samples = []
     for difficulty, metro in cities:
         names = sorted({s for line in metro.values() for s in line})
