@@ -233,7 +233,11 @@ def encode_prompts(policy: Policy, samples) -> dict:
     Returns `input_ids`, `attention_mask` [B, L]; `position_ids` ([3, B, L] mrope for VLMs, [B, L]
     otherwise; 0 on padding); `next_pos` [B], the rotary position of the first response token;
     for VLMs with images `pixel_values`, `image_grid_thw` and `image_index` [B] (-1: no image).
-    Text-only policies (and image-less samples) get the metro map as text before the question.
+    Text-only policies (and image-less samples) get the metro map as text before the question. The user turn
+    is the released dataset's (verl/utils/rl_dataset.py: `"<image>\n" + question.strip()`), under the chat
+    template's default system prompt: in Qwen2.5-VL's template, `<|im_start|>system\nYou are a helpful
+    assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\n{question}<|im_end|>
+    \n<|im_start|>assistant\n` (tests/test_model.py checks it token for token).
     """
     from PIL import Image
 
@@ -241,7 +245,8 @@ def encode_prompts(policy: Policy, samples) -> dict:
     for s in samples:
         if policy.is_vlm and s.image:
             images.append(Image.open(s.image).convert("RGB"))
-            content = [{"type": "image"}, {"type": "text", "text": s.question}]
+            # the released dataset's user turn, "<image>\n" + question.strip(): the image, a newline, the question
+            content = [{"type": "image"}, {"type": "text", "text": "\n" + s.question.strip()}]
         else:
             content = f"{metro_as_text(s.metro)}\n\n{s.question}" if s.metro else s.question
         texts.append(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,

@@ -1,6 +1,8 @@
 """model.py: the tiny offline kit, loading/saving, prompts, and log-probs against naive computations."""
 from types import SimpleNamespace
 
+import copy
+
 import pytest
 import torch
 from PIL import Image
@@ -202,3 +204,32 @@ def test_make_optimizer(tiny_lm):
     assert isinstance(precision.make_optimizer(tiny_lm.model, lr=1e-3, stochastic_rounding=True), precision.AdamWSR)
     opt = precision.make_optimizer(tiny_lm.model, lr=1e-3, eight_bit=True, stochastic_rounding=True)
     assert isinstance(opt, precision.AdamWSR) and opt.eight_bit_moments  # our own 8-bit moments, not bitsandbytes
+
+
+# Qwen2.5-VL's chat template, as its checkpoints ship it (written out here: nothing can be downloaded): a default
+# system prompt when the conversation has none, the image as <|vision_start|><|image_pad|><|vision_end|>.
+QWEN25_VL_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n{% endif %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n{% else %}"
+    "{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "<|vision_start|><|image_pad|><|vision_end|>{% elif 'text' in content %}{{ content['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_prompt_is_the_released_datasets_user_turn(tiny_vlm, tmp_path):
+    """The released RL dataset builds the user turn as "<image>\\n" + question.strip() under the default system
+    prompt; with Qwen2.5-VL's template our prompt is that string, token for token (one image pad per merged patch)."""
+    import dataclasses
+
+    tok = copy.deepcopy(tiny_vlm.tokenizer)
+    tok.chat_template = QWEN25_VL_TEMPLATE
+    policy = dataclasses.replace(tiny_vlm, tokenizer=tok)
+    sample = colour_samples(tmp_path, ["red"])[0]
+    sample = dataclasses.replace(sample, question="  Is Alder Station on Line 2?\n")
+    enc = M.encode_prompts(policy, [sample])
+    pads = int(enc["image_grid_thw"][0].prod()) // 4
+    expected = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|>"
+                + "<|image_pad|>" * pads + "<|vision_end|>\nIs Alder Station on Line 2?<|im_end|>\n"
+                "<|im_start|>assistant\n")
+    assert enc["input_ids"][0].tolist() == tok(expected, add_special_tokens=False)["input_ids"]
