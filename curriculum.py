@@ -143,6 +143,20 @@ def with_replay(steps: list[list[T]], earlier: Sequence[T], fraction: float, see
     return out
 
 
+def continuous_batches(stages: Sequence[tuple[str, Sequence[T]]], batch_size: int) -> dict[str, list[list[T]]]:
+    """The released data loader's batches: the stages' samples, in order, as one stream cut into batches of
+    `batch_size` that cross stage boundaries; each batch runs in the stage where it starts. Only full batches
+    (drop_last), and the last full one is dropped too: the released trainer counts len(loader) training steps
+    but stops when its step counter reaches that count, before running the last (ray_trainer.py,
+    `global_steps >= training_steps`). Returns {stage name: its batches}, every stage present."""
+    stream = [(name, s) for name, part in stages for s in part]
+    out: dict[str, list[list[T]]] = {name: [] for name, _ in stages}
+    for k in range(len(stream) // batch_size - 1):
+        chunk = stream[k * batch_size : (k + 1) * batch_size]
+        out[chunk[0][0]].append([s for _, s in chunk])
+    return out
+
+
 class PromptStream:
     """A stage's batches read as one stream of prompts from a cursor. With dynamic sampling (DAPO) a step takes
     a batch's worth and then draws more, so steps no longer line up with the batches; `position` (prompts

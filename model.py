@@ -227,6 +227,34 @@ def metro_as_text(metro: dict[str, list[str]]) -> str:
     return "\n".join(f"{line}: {', '.join(stations)}" for line, stations in metro.items())
 
 
+def chat_text(policy: Policy, sample) -> str:
+    """The sample's prompt as text, before its <|image_pad|> is expanded into one token per merged patch."""
+    if policy.is_vlm and sample.image:
+        # the released dataset's user turn, "<image>\n" + question.strip(): the image, a newline, the question
+        content = [{"type": "image"}, {"type": "text", "text": "\n" + sample.question.strip()}]
+    else:
+        content = f"{metro_as_text(sample.metro)}\n\n{sample.question}" if sample.metro else sample.question
+    return policy.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                                add_generation_prompt=True)
+
+
+def prompt_length(policy: Policy, sample) -> int:
+    """Tokens of the sample's prompt, as `encode_prompts` builds it, from the image's size alone (no pixels read):
+    the image processor's resize (`smart_resize`) gives its grid, one token per merged patch."""
+    from PIL import Image
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    n = len(policy.tokenizer(chat_text(policy, sample), add_special_tokens=False)["input_ids"])
+    if policy.is_vlm and sample.image:
+        proc = policy.image_processor
+        with Image.open(sample.image) as im:
+            width, height = im.size
+        h, w = smart_resize(height, width, factor=proc.patch_size * proc.merge_size,
+                            min_pixels=proc.size["shortest_edge"], max_pixels=proc.size["longest_edge"])
+        n += (h // proc.patch_size) * (w // proc.patch_size) // proc.merge_size ** 2 - 1  # the pad, expanded
+    return n
+
+
 def encode_prompts(policy: Policy, samples) -> dict:
     """Chat-template the samples' questions (with their images) into left-padded prompt tensors.
 
@@ -241,16 +269,8 @@ def encode_prompts(policy: Policy, samples) -> dict:
     """
     from PIL import Image
 
-    tok, images, texts = policy.tokenizer, [], []
-    for s in samples:
-        if policy.is_vlm and s.image:
-            images.append(Image.open(s.image).convert("RGB"))
-            # the released dataset's user turn, "<image>\n" + question.strip(): the image, a newline, the question
-            content = [{"type": "image"}, {"type": "text", "text": "\n" + s.question.strip()}]
-        else:
-            content = f"{metro_as_text(s.metro)}\n\n{s.question}" if s.metro else s.question
-        texts.append(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
-                                             add_generation_prompt=True))
+    tok, texts = policy.tokenizer, [chat_text(policy, s) for s in samples]
+    images = [Image.open(s.image).convert("RGB") for s in samples if policy.is_vlm and s.image]
     out = {}
     if images:
         vis = policy.image_processor(images=images, return_tensors="pt")

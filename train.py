@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+from collections import Counter
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,10 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     """response token budget for planning questions (0: 48 for the tiny model; 2048 otherwise)"""
     drop_last: bool = False
     """drop each stage's last partial batch (the released code's data loader)"""
+    continuous_batches: bool = False
+    """the released loader's batches: one stream over the ordered stages cut into batches that cross stage boundaries (each runs in the stage it starts in); the final partial batch and, by the released off-by-one, the last full one are dropped (curriculum.continuous_batches)"""
+    max_prompt_tokens: int = 0
+    """drop training questions whose prompt (text + image tokens) is longer than this, counted and reported (the released cap: 20000; 0: none)"""
     replay: float = 0.0
     """share of each batch added from earlier stages' questions, against forgetting (0: none; --model tiny: 0.5)"""
     cold_start: int = 0
@@ -130,19 +135,21 @@ TINY_DEFAULTS = dict(cold_start=800, cold_start_lr=2e-3, lr=2e-4, replay=0.5)
 supervised cold start (variants/coldstart.py: what an instruct model brings), then GRPO at a tenth of its learning
 rate with half a batch of earlier stages' questions replayed in each later batch (docs/rewardmap.md §5)."""
 
-# Image budgets: the paper gives none; the released config sets max_pixels 128,450,560 (10x the checkpoint's
-# 12.8 M, i.e. full resolution: a 5,839 x 5,449 map becomes ~40k image tokens, for 8 GPUs). `paper` takes
-# 1280 x 28 x 28 pixels (1,280 image tokens per map), which keeps one 80 GB GPU's prefill and KV cache small.
+# Image budget: both presets keep the image processor's default (12,845,056 pixels, at most 16,384 visual tokens
+# per map), what the authors' model saw: their yaml's max_pixels (128,450,560) only feeds a PIL pre-resize that
+# almost never fires, and the paper states none. One-GPU recipes lower --max-pixels (docs/scaling.md). Micro-batch:
+# memory only (the update is the same): 2 fits 8 x 80 GB at this budget (tools.bench --memory-plan); the released
+# script uses 1 per GPU.
 PRESETS = {
     "paper": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, kl_coef=1e-3, batch_size=16, group_size=8,
                   max_new_tokens=2048, planning_max_new_tokens=2048, weight_decay=1e-2, max_grad_norm=1.0,
-                  gradient_checkpointing=True, micro_batch_size=8, max_pixels=1280 * 28 * 28, eval_every=0),
+                  gradient_checkpointing=True, micro_batch_size=2, eval_every=0),
     # the authors' released training script (scripts/reward_map.sh + reward_map.yaml + verl defaults)
     "released": dict(model="Qwen/Qwen2.5-VL-7B-Instruct", lr=1e-6, weight_decay=1e-2, kl_coef=1e-2, kl_clamp=10.0,
                      batch_size=16, group_size=4, aggregation="sequence", entropy_coef=1e-3, format_score=0.0,
                      detail_floor=False, detail_variant="released", drop_last=True, max_new_tokens=2048,
-                     planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=8,
-                     max_pixels=128_450_560),
+                     planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=1,
+                     continuous_batches=True, max_prompt_tokens=20_000),
 }
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
@@ -177,7 +184,7 @@ def check_config(cfg: TrainConfig) -> None:
     flags.check(cfg, *((name, getattr(cfg, name) >= 1, ">= 1") for name in ("batch_size", "keep_checkpoints")),
                 *((name, getattr(cfg, name) >= 0, ">= 0") for name in (
                     "planning_max_new_tokens", "cold_start", "cold_start_lr", "lora_rank", "lora_alpha",
-                    "report_samples_every")),
+                    "report_samples_every", "max_prompt_tokens")),
                 ("lr", cfg.lr > 0, "> 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"))
     ranks = distributed.launched_ranks()
     if cfg.batch_size % ranks:
@@ -194,6 +201,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError(f"{', '.join(lora_only)} need --lora-rank (LoRA adapters)")
     if ranks > 1 and cfg.lora_rank:
         raise ValueError("--lora-rank is not supported with several processes yet (LoRA is the one-small-GPU recipe)")
+    if cfg.continuous_batches and (cfg.replay or cfg.dynamic_sampling):
+        raise ValueError("--continuous-batches (the released loader's batches) cannot be combined with --replay or "
+                         "--dynamic-sampling, which work on each stage's own batches")
     if cfg.cold_start and (cfg.lora_rank or ranks > 1):  # LoRA's reference is the base: it would skip the cold start
         raise ValueError("--cold-start is for one process and full fine-tuning (not with --lora-rank or torchrun)")
 
@@ -233,6 +243,7 @@ class Run:
     stages: list  # [(stage name, its training samples in curriculum order)]
     earlier: dict  # stage name -> the samples of the stages before it (for --replay)
     test: list  # the held-out samples
+    continuous: dict  # with --continuous-batches: stage name -> its batches of the released loader's stream
     position: dict = field(default_factory=lambda: {"stage_index": 0, "step_in_stage": 0, "global_step": 0})
     reporter: object = None
     nonfinite: int = 0  # consecutive steps with a non-finite loss
@@ -261,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
 def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> dict | None:
     """One stage of the curriculum: its GRPO steps, then a held-out evaluation and a checkpoint."""
     cfg = run.cfg
-    steps = stage_batches(cfg, name, stage_samples, run.earlier[name])
+    steps = run.continuous[name] if cfg.continuous_batches else stage_batches(cfg, name, stage_samples, run.earlier[name])
     steps, left_out = distributed.trim_batches(steps)  # [multi-GPU] equal shares; one process: unchanged
     if left_out and run.main:
         print(f"stage {name}: {left_out} prompts of its last batch left out (not divisible by {distributed.world()} ranks)")
@@ -347,6 +358,8 @@ def start_run(cfg: TrainConfig) -> Run:
         train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
+    if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
+        train_samples = drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens)
     if cfg.cold_start:  # before the reference is copied; --resume loads the weights it saved in --out
         coldstart.cold_start_once(policy, train_samples, cfg.cold_start, cfg.cold_start_lr or cfg.lr, cfg.seed,
                                   out / coldstart.SAVED, resume=ckpt is not None)
@@ -373,13 +386,25 @@ def start_run(cfg: TrainConfig) -> Run:
                                          seed=cfg.seed)
     run = Run(cfg, out, policy, reference, optimizer,
               torch.Generator(device=policy.device).manual_seed(distributed.rank_seed(cfg.seed)),
-              [(n, p) for n, p in stages if cfg.stage in ("all", n)], earlier, test_samples)
+              [(n, p) for n, p in stages if cfg.stage in ("all", n)], earlier, test_samples,
+              curriculum.continuous_batches(stages, cfg.batch_size) if cfg.continuous_batches else {})
     if ckpt is not None:
         restore(run, ckpt, state)
     if run.main:
         run.reporter = report.open_reporter(cfg.report_to, out, dataclasses.asdict(cfg), out.resolve().name,
                                             resume_step=run.position["global_step"] if ckpt is not None else None)
     return run
+
+
+def drop_long_prompts(policy: models.Policy, samples: list, limit: int) -> list:
+    """The samples whose prompt has at most `limit` tokens (`model.prompt_length`); the others are counted and
+    reported, per question type."""
+    long = [models.prompt_length(policy, s) > limit for s in samples]
+    if any(long) and distributed.is_main():
+        per_type = Counter(s.qtype for s, cut in zip(samples, long) if cut)
+        print(f"--max-prompt-tokens {limit}: dropped {sum(long)} of {len(samples)} training questions with longer "
+              f"prompts ({', '.join(f'{q} {n}' for q, n in sorted(per_type.items()))})")
+    return [s for s, cut in zip(samples, long) if not cut]
 
 
 def precision_of(cfg: TrainConfig) -> tuple[torch.dtype, bool]:

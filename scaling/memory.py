@@ -57,7 +57,31 @@ def card_usable_gib(card_gb: float) -> float:
 
 
 USABLE_GIB = card_usable_gib(80)  # 78.0, of an 80 GB GPU
-PAPER = dict(prompts=16, group_size=8, prompt_len=1300, response_len=2048, micro_batch=8)
+# Image budgets (pixels): Qwen2.5-VL's image processor default, what the authors' model saw (the presets' budget;
+# at most 16,384 visual tokens per map), and the reduced budget of the one-GPU recipes (at most 1,280).
+DEFAULT_PIXELS = 12_845_056
+REDUCED_PIXELS = 1280 * 28 * 28
+PIXELS_PER_TOKEN = 28 * 28  # one visual token per 28 x 28 pixels (14-pixel patches, 2 x 2 merged)
+PROMPT_TEXT_TOKENS = 20  # the chat template and a ReasonMap-Plus question around the image
+
+
+def visual_tokens(width: int, height: int, max_pixels: int, min_pixels: int = 3136) -> int:
+    """Visual tokens of a width x height map at an image budget: the image processor's resize (`smart_resize`:
+    sides rounded to multiples of 28, shrunk to at most `max_pixels` keeping the aspect ratio), 28 x 28 px each."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    h, w = smart_resize(height, width, factor=28, min_pixels=min_pixels, max_pixels=max_pixels)
+    return (h // 28) * (w // 28)
+
+
+def paper_batch(max_pixels: int = DEFAULT_PIXELS) -> dict:
+    """The paper preset's step (16 prompts x 8, 2,048 response tokens, micro-batch 8) at an image budget: the prompt
+    of a map as large as the budget allows (max_pixels / 28^2 visual tokens) plus the question's text."""
+    return dict(prompts=16, group_size=8, prompt_len=max_pixels // PIXELS_PER_TOKEN + PROMPT_TEXT_TOKENS,
+                response_len=2048, micro_batch=8)
+
+
+PAPER = paper_batch(REDUCED_PIXELS)  # at the one-GPU recipes' budget: prompt 1,300 tokens
 # LoRA / QLoRA rows (lora.py, train.py --lora-rank / --qlora): one GPU of each of these sizes (GB), adapters of
 # rank LORA_RANK, and the largest micro-batch of MICRO_BATCHES (tried in this order) that fits the card.
 LORA_CARDS, LORA_RANK, MICRO_BATCHES = (24, 48, 80), 64, (8, 4, 2, 1)
@@ -246,13 +270,12 @@ def auto_chunk(shape: dict, scheme: str, eight_bit: bool, gpus: int, usable_gib:
 
 
 SCHEMES = (("master", False), ("master+8bit", True), ("stochastic", False), ("stochastic+8bit", True))
-# Settings that depart from PAPER to make a row fit, each printed as an extra row under the paper-preset one.
-# 7B, bf16 weights + stochastic rounding + 8-bit moments (train.py --bf16-update stochastic --eight-bit-adam),
-# one GPU: the states take 62.0 GiB, and the log-prob pass of a micro-batch of 8 full-length responses
-# (17.4 GiB) would bring the peak to 79.4 GiB, over the 78 usable; a micro-batch of 4 (10.1 GiB) gives 72.1,
-# 5.9 GiB for what the plan leaves out (vision encoder activations, allocator fragmentation). The update is
-# the same: the micro-batches accumulate gradients with an exact normaliser (grpo.ppo_loss's `denom`).
-RECOMMENDED = {("7b", "stochastic+8bit", 1): dict(micro_batch=4)}
+# A paper-preset row that does not fit is followed by one at the largest micro-batch of MICRO_BATCHES that does
+# (`recommended`), when one does: the update is the same (micro-batches accumulate gradients with an exact
+# normaliser, grpo.loss_denominator), only the log-prob pass's activations shrink. E.g. 7B on one GPU with bf16
+# weights + stochastic rounding + 8-bit moments at the reduced budget: the states take 62.0 GiB, and the log-prob
+# pass of a micro-batch of 8 full-length responses (17.4 GiB) brings the peak to 79.4 GiB, over the 78 usable; a
+# micro-batch of 4 (10.1 GiB) gives 72.1, 5.9 GiB for what the plan leaves out (vision activations, fragmentation).
 
 
 def fit_micro_batch(shape: dict, usable_gib: float, micro_batches=MICRO_BATCHES, scheme: str = "plain",
@@ -276,37 +299,43 @@ def _row(arch: str, scheme: str, gpus: int, micro_batch: int, p: dict, usable: f
 
 
 def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABLE_GIB, cards=LORA_CARDS,
-          lora_rank: int = LORA_RANK) -> list[dict]:
-    """Rows (arch, scheme, gpus, card_gb, micro_batch, peak GiB, fits, parts) at the paper preset, plus a row for
-    each RECOMMENDED departure from it (`recommended`: True); then, for each card size in `cards` (GB), LoRA
+          lora_rank: int = LORA_RANK, max_pixels: int = DEFAULT_PIXELS) -> list[dict]:
+    """Rows (arch, scheme, gpus, card_gb, micro_batch, peak GiB, fits, parts) at the paper preset with the image
+    budget `max_pixels` (`paper_batch`; the rows record it); after a row that does not fit, the same at the largest
+    smaller micro-batch that fits, if one does (`recommended`: True); then, for each card size in `cards` (GB), LoRA
     and QLoRA rows (scheme 'lora' / 'qlora', adapters of rank `lora_rank`, one GPU) at the largest micro-batch
     of MICRO_BATCHES that fits card_usable_gib(card) (fits False: not even 1)."""
-    rows, shapes = [], {arch: shape_of(arch) for arch in archs}
+    rows, shapes, paper = [], {arch: shape_of(arch) for arch in archs}, paper_batch(max_pixels)
     for arch, s in shapes.items():
         for name, eight in SCHEMES:
             scheme = name.split("+")[0]
             for g in gpu_counts:
-                extra = RECOMMENDED.get((arch, name, g))
-                for batch in [PAPER] + ([{**PAPER, **extra}] if extra else []):
-                    chunk = auto_chunk(s, scheme, eight, g, usable_gib, **batch)
-                    p = plan(s, scheme, eight, g, decode_chunk=chunk, **batch)
-                    rows.append(_row(arch, name, g, batch["micro_batch"], p, usable_gib, lora_rank=0,
-                                     recommended=batch is not PAPER, implemented=g == 1 or name == "master"))
+                common = dict(lora_rank=0, max_pixels=max_pixels, implemented=g == 1 or name == "master")
+                p = plan(s, scheme, eight, g, decode_chunk=auto_chunk(s, scheme, eight, g, usable_gib, **paper), **paper)
+                rows.append(_row(arch, name, g, paper["micro_batch"], p, usable_gib, recommended=False, **common))
+                if not rows[-1]["fits"]:
+                    smaller = tuple(mb for mb in MICRO_BATCHES if mb < paper["micro_batch"])
+                    mb, p, fits = fit_micro_batch(s, usable_gib, smaller, scheme, eight, g,
+                                                  **{k: v for k, v in paper.items() if k != "micro_batch"})
+                    if fits:
+                        rows.append(_row(arch, name, g, mb, p, usable_gib, recommended=True, **common))
     for arch, s in shapes.items():
         for name in ("lora", "qlora"):
             for card in cards:
-                batch = {k: v for k, v in PAPER.items() if k != "micro_batch"}
+                batch = {k: v for k, v in paper.items() if k != "micro_batch"}
                 mb, p, _ = fit_micro_batch(s, card_usable_gib(card), lora_rank=lora_rank, qlora=name == "qlora", **batch)
                 rows.append(_row(arch, name, 1, mb, p, card_usable_gib(card), lora_rank=lora_rank, recommended=False,
-                                 implemented=True))
+                                 implemented=True, max_pixels=max_pixels))
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     """Human table, then one JSON line with every row."""
-    print(f"Peak GPU memory per GPU of one GRPO step, paper preset ({PAPER}), gradient checkpointing, "
+    pixels = rows[0]["max_pixels"] if rows else DEFAULT_PIXELS
+    print(f"Peak GPU memory per GPU of one GRPO step, paper preset ({paper_batch(pixels)}: image budget {pixels:,} "
+          f"pixels), gradient checkpointing, "
           f"{USABLE_GIB:.0f} GiB usable. gpus > 1: weights/grads/optimizer/reference sharded by FSDP2 under "
-          "torchrun (train.py runs that for `master`; impl. no: a plan only). mb: micro-batch (* = RECOMMENDED, "
+          "torchrun (train.py runs that for `master`; impl. no: a plan only). mb: micro-batch (* = the largest that fits, "
           "not the paper's).")
     head = (f"{'model':6} {'scheme':16} {'gpus':>4} {'mb':>3} {'static':>7} {'rollout':>8} {'logprob':>8} "
             f"{'opt.step':>8} {'peak GiB':>9} fits")

@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import curriculum
 from curriculum import batches, build_curriculum, group_of, stage_names
 
 TYPES = ["torf1", "torf2", "counting1", "counting2", "counting3", "planning"]
@@ -167,3 +168,14 @@ def test_replay_adds_earlier_questions_to_every_batch():
     assert set(added) == {100, 101, 102} and sorted(added.values()) == [1, 2, 2]  # cycling: about equally often
     assert with_replay(steps, earlier, 0.0) == steps and with_replay(steps, [], 0.5) == steps
     assert with_replay(steps, earlier, 0.5, seed=0, stage="planning") == mixed  # seeded
+
+
+def test_continuous_batches_are_the_released_loaders():
+    """One stream over the ordered stages: batches cross stage boundaries and run in the stage they start in;
+    only full batches, and the last full one is dropped (the released trainer's off-by-one)."""
+    stages = [("judgement", list("abcde")), ("counting", list("fgh")), ("planning", list("ijklmn"))]
+    got = curriculum.continuous_batches(stages, 4)  # 14 samples: 3 full batches, the last of them dropped
+    assert got == {"judgement": [list("abcd"), list("efgh")], "counting": [], "planning": []}
+    got = curriculum.continuous_batches(stages, 3)  # 4 full batches (abc def ghi jkl), the last dropped; mn partial
+    assert got == {"judgement": [list("abc"), list("def")], "counting": [list("ghi")], "planning": []}
+    assert curriculum.continuous_batches(stages, 20) == {"judgement": [], "counting": [], "planning": []}

@@ -50,7 +50,7 @@ def test_logprob_terms_and_peak(seven_b):
 
 
 def test_table_rows(seven_b):
-    rows = memory.table(archs=("7b",), gpu_counts=(1, 8), cards=())  # full fine-tuning rows only
+    rows = memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("7b",), gpu_counts=(1, 8), cards=())  # full fine-tuning rows only
     paper = [r for r in rows if not r["recommended"]]
     assert all(r["micro_batch"] == memory.PAPER["micro_batch"] for r in paper)
     assert sorted((r["scheme"], r["gpus"]) for r in paper) == sorted((s, g) for s, _ in memory.SCHEMES for g in (1, 8))
@@ -89,7 +89,7 @@ def test_stochastic_8bit_states_and_step_by_hand(seven_b):
 def test_7b_fits_one_gpu_with_stochastic_rounding_8bit_moments_and_micro_batch_4(seven_b):
     """Issue 13: the recommended row (micro-batch 4) fits one 80 GB GPU with ~6 GiB to spare; at the paper's
     micro-batch of 8 the log-prob pass pushes it over; no other scheme fits 7B on one GPU."""
-    rows = [r for r in memory.table(archs=("7b",), gpu_counts=(1,), cards=()) if r["fits"]]  # no LoRA rows
+    rows = [r for r in memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("7b",), gpu_counts=(1,), cards=()) if r["fits"]]  # no LoRA rows
     assert [(r["scheme"], r["micro_batch"], r["recommended"]) for r in rows] == [("stochastic+8bit", 4, True)]
     assert rows[0]["peak_gib"] == 72.1 and memory.USABLE_GIB - rows[0]["peak_gib"] > 5
     assert rows[0]["parts_gib"]["logprob"] == max(v for k, v in rows[0]["parts_gib"].items()
@@ -196,7 +196,7 @@ def test_lora_rows_use_the_cards_usable_memory(seven_b):
     """usable = the card's GiB less 2 for the CUDA context (80 GB: the table's 78); the decode chunk comes from
     that card's free memory: half of (usable - states) over one prompt's expanded KV cache, at most 16 prompts."""
     assert (memory.card_usable_gib(24), memory.card_usable_gib(48), memory.USABLE_GIB) == (22.0, 46.0, 78.0)
-    rows = {(r["scheme"], r["card_gb"]): r for r in memory.table(archs=("7b",), gpu_counts=())}
+    rows = {(r["scheme"], r["card_gb"]): r for r in memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("7b",), gpu_counts=())}
     assert sorted(rows) == sorted((s, c) for s in ("lora", "qlora") for c in (24, 48, 80))
     per_prompt = 2 * 28 * 4 * 128 * (1300 + 2048) * 8 * 2
     q = memory.plan(seven_b, "plain", False, 1, decode_chunk=1, lora_rank=64, qlora=True, **memory.PAPER)
@@ -210,7 +210,7 @@ def test_7b_qlora_fits_24_and_48_gb_lora_24_only_at_micro_batch_1():
     """The honest plan (not measured on a GPU): 7B QLoRA fits a 48 GB card at the paper's micro-batch of 8 and a
     24 GB one at 4; plain LoRA (bf16 base, 15.4 GiB) squeezes into 24 GB only at micro-batch 1, 0.6 GiB spare;
     every row keeps the JSON fields, and 3B fits everywhere."""
-    rows = memory.table(archs=("3b", "7b"), gpu_counts=())
+    rows = memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("3b", "7b"), gpu_counts=())
     by = {(r["arch"], r["scheme"], r["card_gb"]): r for r in rows}
     assert {k: (r["micro_batch"], r["fits"]) for k, r in by.items() if k[0] == "7b"} == {
         ("7b", "lora", 24): (1, True), ("7b", "lora", 48): (8, True), ("7b", "lora", 80): (8, True),
@@ -222,3 +222,22 @@ def test_7b_qlora_fits_24_and_48_gb_lora_24_only_at_micro_batch_1():
     two = memory.plan(memory.shape_of("7b"), "plain", False, 1, micro_batch=2, lora_rank=64,
                       decode_chunk=by["7b", "lora", 24]["decode_chunk"], **_BATCH)
     assert two["peak"] > 22 * memory.GiB  # micro-batch 2 does not fit 24 GB with a bf16 base
+
+
+def test_image_budget_sets_the_prompt_and_what_fits():
+    """The plan takes the image budget: a map gets at most max_pixels / 28^2 visual tokens (the image processor's
+    resize, checked on sizes by hand). At the processor's default (16,384 visual tokens per map) the paper's
+    micro-batch of 8 fits nowhere; the row after each shows the largest micro-batch that fits."""
+    assert memory.visual_tokens(5839, 5449, memory.DEFAULT_PIXELS) == 16236  # 133 x 122 after the resize
+    assert memory.visual_tokens(5839, 5449, memory.REDUCED_PIXELS) == 34 * 37
+    assert memory.visual_tokens(900, 900, memory.DEFAULT_PIXELS) == 32 * 32  # small maps are not enlarged
+    assert memory.paper_batch(memory.DEFAULT_PIXELS)["prompt_len"] == 16384 + memory.PROMPT_TEXT_TOKENS
+    assert memory.PAPER == memory.paper_batch(memory.REDUCED_PIXELS)
+    full = {(r["scheme"], r["gpus"], r["micro_batch"]): r for r in memory.table(archs=("7b",), gpu_counts=(1, 8), cards=())}
+    reduced = {(r["scheme"], r["gpus"], r["micro_batch"]): r
+               for r in memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("7b",), gpu_counts=(1, 8), cards=())}
+    assert reduced[("stochastic+8bit", 1, 4)]["fits"] and not full[("stochastic+8bit", 1, 8)]["fits"]
+    assert full[("stochastic+8bit", 1, 1)]["fits"] and full[("stochastic+8bit", 1, 1)]["recommended"]  # micro-batch 1
+    assert reduced[("master", 8, 8)]["fits"] and not full[("master", 8, 8)]["fits"]
+    assert full[("master", 8, 2)]["fits"] and full[("master", 8, 2)]["recommended"]
+    assert all(r["max_pixels"] == memory.DEFAULT_PIXELS for r in full.values())

@@ -233,3 +233,24 @@ def test_prompt_is_the_released_datasets_user_turn(tiny_vlm, tmp_path):
                 + "<|image_pad|>" * pads + "<|vision_end|>\nIs Alder Station on Line 2?<|im_end|>\n"
                 "<|im_start|>assistant\n")
     assert enc["input_ids"][0].tolist() == tok(expected, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("kind", ["lm", "vlm"])
+def test_prompt_length_is_the_encoded_length(kind, tiny_lm, tiny_vlm, tmp_path):
+    """prompt_length (from the image's size alone) is the length encode_prompts gives each prompt."""
+    policy = tiny_lm if kind == "lm" else tiny_vlm
+    samples = text_samples(3) if kind == "lm" else colour_samples(tmp_path, ["red", "blue", "red"],
+                                                                  sizes=[(150, 60), (60, 60), (500, 320)])
+    for s in samples:
+        assert M.prompt_length(policy, s) == M.encode_prompts(policy, [s])["input_ids"].shape[1]
+
+
+def test_long_prompts_are_dropped_counted_and_reported(tiny_lm, capsys):
+    import train
+
+    samples = text_samples(6)  # questions of two lengths (every other one repeated twice)
+    lengths = [M.prompt_length(tiny_lm, s) for s in samples]
+    limit = min(lengths)
+    kept = train.drop_long_prompts(tiny_lm, samples, limit)
+    assert kept == [s for s, n in zip(samples, lengths) if n <= limit] and 0 < len(kept) < len(samples)
+    assert f"dropped {len(samples) - len(kept)} of 6 training questions" in capsys.readouterr().out

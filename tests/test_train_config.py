@@ -142,6 +142,9 @@ def test_released_preset_is_the_authors_script():
     assert (cfg.group_size, cfg.kl_coef, cfg.kl_clamp, cfg.aggregation, cfg.entropy_coef) == (4, 1e-2, 10.0, "sequence", 1e-3)
     assert (cfg.format_score, cfg.detail_floor, cfg.drop_last, cfg.detail_variant) == (0.0, False, True, "released")
     assert (cfg.lr, cfg.weight_decay, cfg.batch_size) == (1e-6, 1e-2, 16)
+    # the authors' model saw the image processor's default budget (0: the model's own); the loader's batches and cap
+    assert (cfg.max_pixels, cfg.continuous_batches, cfg.max_prompt_tokens, cfg.micro_batch_size) == (0, True, 20_000, 1)
+    assert train.parse_args(["--preset", "paper"]).max_pixels == 0
     g = train.stage_config(cfg, "planning")
     assert (cfg.format_score, cfg.floor, cfg.detail_variant) == (0.0, None, "released")
     assert (g.entropy_coef, g.kl_clamp, g.aggregation, g.group_size, g.kl_coef) == (1e-3, 10.0, "sequence", 4, 1e-2)

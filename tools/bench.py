@@ -371,6 +371,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--bf16-check", action="store_true", help="do bf16 updates at lr 1e-6 survive? (tiny model, CPU)")
     ap.add_argument("--memory-plan", action="store_true",
                     help="print the modelled peak GPU memory of a paper-preset step (memory.py: 3B/7B, schemes, 1-8 GPUs), exit")
+    ap.add_argument("--max-pixels", type=int, default=12_845_056, help="with --memory-plan: the image budget (default: "
+                    "the image processor's, what the presets use; the one-GPU recipes: 1003520, 1,280 visual tokens)")
     ap.add_argument("--self-check", action="store_true", help="with --memory-plan: also check the model against "
                     "real grpo_steps at 7B widths (2 layers) on CPU, full fine-tuning (~17 GiB RAM) and rank-64 LoRA")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
@@ -379,7 +381,7 @@ def main(argv=None) -> dict:
         from scaling import memory
         from tools import memory_check
 
-        out = {"memory_plan": memory.table()}
+        out = {"memory_plan": memory.table(max_pixels=args.max_pixels)}
         memory.print_table(out["memory_plan"])
         if args.self_check:
             out["self_check"] = memory_check.self_check()
