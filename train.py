@@ -31,7 +31,7 @@ import rewards
 from data import CACHE_DIR, SYNTHETIC_CITIES
 from plumbing import checkpoints, cli, flags, report
 from scaling import distributed, lora, precision
-from variants import coldstart
+from variants import sft
 from variants.dynamic_sampling import max_draws
 
 
@@ -43,7 +43,7 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
 
     # ---- what to train on
     stage: str = "all"
-    """stage(s) to run: judgement | counting | planning | all (coarse: perception | planning; none: all)"""
+    """stage(s) to run: judgement | counting | planning | all (coarse: perception | planning; none: all) | sft (the SFT alone, no GRPO)"""
     curriculum: str = "fine"
     """curriculum variant: fine (RewardMap) | coarse (all Plus types, then planning) | none (all shuffled)"""
     model: str = "tiny"
@@ -53,7 +53,7 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     cities: int = SYNTHETIC_CITIES
     """synthetic dataset: number of cities (generated once into --cache-dir, reused afterwards)"""
     preset: str = ""
-    """'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16) | 'released': the authors' training script"""
+    """'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16) | 'released': the authors' training script | 'sft-rl': the authors' SFT, then RL (no curriculum: their loader shuffles)"""
     # ---- optimisation
     batch_size: int = 8
     """prompts per GRPO step"""
@@ -71,10 +71,16 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     """drop training questions whose prompt (text + image tokens) is longer than this, counted and reported (the released cap: 20000; 0: none)"""
     replay: float = 0.0
     """share of each batch added from earlier stages' questions, against forgetting (0: none; --model tiny: 0.5)"""
-    cold_start: int = 0
-    """supervised steps on the training answers (\\boxed{answer}, planning: the route) before GRPO (0: none; --model tiny: 800; variants/coldstart.py)"""
-    cold_start_lr: float = 0.0
-    """AdamW learning rate of the cold start (0: --lr; --model tiny: 2e-3)"""
+    sft: int = 0
+    """supervised fine-tuning steps on the training questions' reference answers before GRPO, which then starts from the SFT model and takes it as its KL reference (variants/sft.py; 0: none; --model tiny: 800)"""
+    sft_lr: float = 0.0
+    """peak learning rate of the SFT, after 10% warmup, cosine to 0 (0: --lr; --model tiny: 2e-3; the authors' SFT: 1e-5)"""
+    sft_lora_rank: int = 0
+    """SFT with LoRA adapters of this rank on the language model's linear layers, merged into the weights before GRPO (the authors': 8; 0: full fine-tuning)"""
+    sft_batch_size: int = 16
+    """questions per SFT step, each of a uniformly drawn type"""
+    sft_data: str = "all"
+    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers)"""
     max_steps_per_stage: int = 0
     """cap on GRPO steps per stage (0: one pass over the stage's data)"""
     # ---- model, precision, LoRA (scaling/)
@@ -130,10 +136,10 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
         check_config(self)
 
 
-TINY_DEFAULTS = dict(cold_start=800, cold_start_lr=2e-3, lr=2e-4, replay=0.5)
-"""What `--model tiny` trains with when no --preset is given, in one process without LoRA (a flag given wins): a
-supervised cold start (variants/coldstart.py: what an instruct model brings), then GRPO at a tenth of its learning
-rate with half a batch of earlier stages' questions replayed in each later batch (docs/rewardmap.md §5)."""
+TINY_DEFAULTS = dict(sft=800, sft_lr=2e-3, lr=2e-4, replay=0.5)
+"""What `--model tiny` trains with when no --preset is given, in one process without LoRA (a flag given wins):
+supervised fine-tuning first (variants/sft.py: what an instruct model brings), then GRPO at a tenth of its learning
+rate with half a batch of earlier stages' questions replayed in each later batch (docs/results.md)."""
 
 # Image budget: both presets keep the image processor's default (12,845,056 pixels, at most 16,384 visual tokens
 # per map), what the authors' model saw: their yaml's max_pixels (128,450,560) only feeds a PIL pre-resize that
@@ -151,6 +157,12 @@ PRESETS = {
                      planning_max_new_tokens=2048, max_grad_norm=1.0, gradient_checkpointing=True, micro_batch_size=1,
                      continuous_batches=True, max_prompt_tokens=20_000),
 }
+# the authors' SFT, then RL from the SFT model (scripts/sft.yaml, then train_sft_rl.sh / .yaml): SFT with LoRA rank 8,
+# lr 1e-5, cosine after 10% warmup, on their SFT data (the Plus questions' bare answers; 3,000 samples less a 10%
+# validation split = 2,700, here 169 batches of 16); then the released RL, whose shuffled loader (`shuffle: true`)
+# undoes the curriculum: --curriculum none
+PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
+                         sft_data="released", curriculum="none")
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
 
@@ -176,16 +188,20 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
 def check_config(cfg: TrainConfig) -> None:
     """The run's own checks, naming the flag (a GRPO step's and the reward's check themselves)."""
     stages = curriculum.stage_names(cfg.curriculum)
-    if cfg.stage != "all" and cfg.stage not in stages:
-        raise ValueError(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, or all)")
+    if cfg.stage not in ("all", "sft") and cfg.stage not in stages:
+        raise ValueError(f"--stage {cfg.stage!r} is not a stage of --curriculum {cfg.curriculum} ({', '.join(stages)}, "
+                         "all, or sft)")
+    if cfg.stage == "sft" and not cfg.sft:
+        raise ValueError("--stage sft runs the SFT alone: give its steps with --sft N")
     models.compute_dtype(cfg.dtype)  # raises on an unknown --dtype
     if cfg.bf16_update not in precision.SCHEMES:
         raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
     flags.check(cfg, *((name, getattr(cfg, name) >= 1, ">= 1") for name in ("batch_size", "keep_checkpoints")),
                 *((name, getattr(cfg, name) >= 0, ">= 0") for name in (
-                    "planning_max_new_tokens", "cold_start", "cold_start_lr", "lora_rank", "lora_alpha",
+                    "planning_max_new_tokens", "sft", "sft_lr", "sft_lora_rank", "lora_rank", "lora_alpha",
                     "report_samples_every", "max_prompt_tokens")),
-                ("lr", cfg.lr > 0, "> 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"))
+                ("lr", cfg.lr > 0, "> 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"),
+                ("sft_batch_size", cfg.sft_batch_size >= 1, ">= 1"))
     ranks = distributed.launched_ranks()
     if cfg.batch_size % ranks:
         raise ValueError(f"--batch-size {cfg.batch_size} must be a multiple of the {ranks} torchrun processes: "
@@ -204,8 +220,11 @@ def check_config(cfg: TrainConfig) -> None:
     if cfg.continuous_batches and (cfg.replay or cfg.dynamic_sampling):
         raise ValueError("--continuous-batches (the released loader's batches) cannot be combined with --replay or "
                          "--dynamic-sampling, which work on each stage's own batches")
-    if cfg.cold_start and (cfg.lora_rank or ranks > 1):  # LoRA's reference is the base: it would skip the cold start
-        raise ValueError("--cold-start is for one process and full fine-tuning (not with --lora-rank or torchrun)")
+    if cfg.sft and ranks > 1:
+        raise ValueError("--sft runs in one process: run it alone (python train.py --stage sft --sft N), then torchrun "
+                         "GRPO from its model (--model OUT/model), which is then GRPO's start and KL reference")
+    if cfg.sft_lora_rank and cfg.qlora:
+        raise ValueError("--sft-lora-rank merges the SFT adapters into the weights, which a 4-bit --qlora base cannot take")
 
 
 MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
@@ -360,9 +379,8 @@ def start_run(cfg: TrainConfig) -> Run:
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
     if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
         train_samples = drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens)
-    if cfg.cold_start:  # before the reference is copied; --resume loads the weights it saved in --out
-        coldstart.cold_start_once(policy, train_samples, cfg.cold_start, cfg.cold_start_lr or cfg.lr, cfg.seed,
-                                  out / coldstart.SAVED, resume=ckpt is not None)
+    if cfg.sft:  # before the reference is copied: GRPO starts from the SFT model and is anchored to it
+        run_sft(cfg, policy, train_samples, out)
     if cfg.lora_rank:  # LoRA (scaling/lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
         lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
                       cfg.lora_targets or lora.default_targets(cfg.model), seed=cfg.seed)
@@ -407,6 +425,21 @@ def drop_long_prompts(policy: models.Policy, samples: list, limit: int) -> list:
     return [s for s, cut in zip(samples, long) if not cut]
 
 
+def run_sft(cfg: TrainConfig, policy: models.Policy, samples: list, out: Path) -> None:
+    """The SFT stage (variants/sft.py) in --out/sft: resumed from its saved state with --resume (a finished SFT is
+    loaded, not redone), with the run's precision scheme for its optimizer."""
+    dtype, master = precision_of(cfg)
+    make = lambda model: precision.make_optimizer(  # noqa: E731
+        model, cfg.sft_lr or cfg.lr, 0.0, stochastic_rounding=dtype != torch.float32 and not master and not cfg.sft_lora_rank,
+        seed=cfg.seed)
+    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE_ON_RESUME}
+    losses = sft.sft(policy, samples, cfg.sft, cfg.sft_lr or cfg.lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
+                     lora.default_targets(cfg.model), make, out / "sft", cfg.save_every, settings, cfg.sft_data,
+                     progress=distributed.is_main(), micro_batch_size=cfg.micro_batch_size)
+    if distributed.is_main():
+        print(f"sft: {cfg.sft} steps, answer NLL {losses[0]:.3f} -> {losses[-1]:.3f} (state in {out / 'sft'})")
+
+
 def precision_of(cfg: TrainConfig) -> tuple[torch.dtype, bool]:
     """(compute dtype, float32 master weights?): with LoRA the base is frozen, so no master copy (the adapters
     are float32 themselves)."""
@@ -418,7 +451,7 @@ def open_run_folder(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | No
     against this run's settings and process count), else start over there."""
     out.mkdir(parents=True, exist_ok=True)
     ckpt = checkpoints.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None:
+    if cfg.resume and ckpt is None and not (out / "sft" / sft.STATE).is_file():  # a run killed in its SFT resumes too
         raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
     state = checkpoints.load_state(ckpt) if ckpt is not None else None
     if state is not None:

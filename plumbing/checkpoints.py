@@ -112,6 +112,7 @@ def load_state(ckpt: Path) -> dict:
 
 
 def clear(out: Path) -> None:
-    """Remove an earlier run's metrics and checkpoints from `out`."""
+    """Remove an earlier run's metrics, checkpoints and SFT state from `out`."""
     (out / "metrics.jsonl").unlink(missing_ok=True)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    shutil.rmtree(out / "sft", ignore_errors=True)

@@ -12,7 +12,7 @@ import train
 
 ROOT = Path(__file__).resolve().parents[1]
 # a run small enough for the test suite: 3 cities, 4 prompts x 2 responses, a few steps per stage
-SMALL = ["--cold-start", "0", "--replay", "0", "--cities", "3", "--batch-size", "4", "--group-size", "2", "--max-new-tokens", "6",
+SMALL = ["--sft", "0", "--replay", "0", "--cities", "3", "--batch-size", "4", "--group-size", "2", "--max-new-tokens", "6",
          "--planning-max-new-tokens", "12", "--eval-samples", "8"]
 
 

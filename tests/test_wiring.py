@@ -20,8 +20,6 @@ ELSEWHERE = {
     "max_nonfinite": "tests/test_train.py::test_nonfinite_run_is_reported_and_stopped (stops after exactly N)",
     "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
     "keep_checkpoints": "tests/test_checkpoints.py::test_keep_checkpoints_keeps_the_newest_n (the newest N stay)",
-    "cold_start": "tests/test_coldstart.py::test_train_cold_starts_the_reference_too_and_resumes_exactly (its NLL line, KL 0 at step 1)",
-    "cold_start_lr": "tests/test_coldstart.py::test_tiny_defaults_and_the_cold_start_lr (the lr cold_start receives)",
 }
 
 # one changed value per flag (argv), and the components that must then receive something else
@@ -48,6 +46,10 @@ CHANGES = {
     "max_grad_norm": (["--max-grad-norm", "0.5"], GRPO), "entropy_coef": (["--entropy-coef", "0.001"], GRPO),
     "kl_clamp": (["--kl-clamp", "10"], GRPO), "drop_last": (["--drop-last"], {"batches"}),
     "continuous_batches": (["--continuous-batches"], {"batches"}),
+    "sft": (["--sft", "3"], {"sft"}), "sft_lr": (["--sft-lr", "0.01"], {"sft"}, ["--sft", "3"]),
+    "sft_lora_rank": (["--sft-lora-rank", "2"], {"sft"}, ["--sft", "3"]),
+    "sft_batch_size": (["--sft-batch-size", "3"], {"sft"}, ["--sft", "3"]),
+    "sft_data": (["--sft-data", "released"], {"sft"}, ["--sft", "3"]),
     "max_prompt_tokens": (["--max-prompt-tokens", "150"], {"batches"}),
     "decode_chunk": (["--decode-chunk", "2"], GRPO), "replay": (["--replay", "0.5"], {"batches"}),
     "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
@@ -96,6 +98,8 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     m.setattr(train.data, "load_data", lambda *a: got.__setitem__("load_data", a) or world)
     m.setattr(train.models, "load_model", lambda name, samples, *a, **k: got.update(load_model=(name, *a), qlora=k)
               or policy)
+    m.setattr(train.sft, "sft", lambda policy, samples, steps, lr, batch, seed, rank, targets, make, folder, every,
+              settings, data, **k: got.__setitem__("sft", (steps, lr, batch, rank, data)) or [1.0])
     m.setattr(train.lora, "add_lora", lambda model, *a, **k: got.__setitem__("lora", (a, k)))
     m.setattr(train.lora, "merge_lora", lambda model: got.__setitem__("merged", True))
     m.setattr(train.models, "load_policy", lambda *a, **k: policy)
@@ -130,7 +134,7 @@ def record(cfg, world, policy, monkeypatch) -> dict:
 
 @pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(train.TrainConfig) if f.name not in ELSEWHERE])
 def test_every_flag_reaches_its_component(field, world, tiny_lm, tmp_path, monkeypatch):
-    base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5", "--cold-start", "0", "--replay", "0"]
+    base = ["--out", str(tmp_path / "run"), "--max-steps-per-stage", "5", "--sft", "0", "--replay", "0"]
     argv, components, *both = CHANGES[field]
     base += both[0] if both else []
     argv = argv if field != "out" else ["--out", str(tmp_path / "elsewhere")]

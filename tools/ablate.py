@@ -76,11 +76,11 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 }
 """short name -> (the paper's row name, train.py flags)."""
 
-FROM_SCRATCH = ["--cold-start", "0", "--replay", "0", "--lr", "2e-3"]
+FROM_SCRATCH = ["--sft", "0", "--replay", "0", "--lr", "2e-3"]
 """Every row starts GRPO from the random tiny model, without train.py's tiny defaults (train.TINY_DEFAULTS: a
 supervised cold start, a lower lr, replay): the rows compare what the rewards and the curriculum give a policy
 that knows nothing yet, and each stage's held-out accuracy is taken at the stage's end, before any forgetting.
-Extra flags (e.g. `--cold-start 800`) override these."""
+Extra flags (e.g. `--sft 800`) override these."""
 
 OWN_FLAGS = ("--seed", "--out", "--resume", "--stage", "--max-steps-per-stage", "--eval-samples", "--cache-dir",
              "--curriculum", "--no-detail-reward", "--no-difficulty-weight", "--dynamic-sampling")

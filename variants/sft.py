@@ -1,0 +1,168 @@
+"""Supervised fine-tuning before GRPO (`train.py --sft N`): the cold start the paper compares RL with.
+
+The paper's central claim is that its multi-stage RL is a better cold start than supervised fine-tuning. The
+authors' SFT recipe (their scripts/sft.yaml, LLaMA-Factory): LoRA rank 8 on every linear layer of the language
+model, lr 1e-5 with a cosine schedule after 10% warmup, 3,000 samples, one epoch; then RL from the SFT model
+(train_sft_rl.sh). Here, `sft` runs `steps` AdamW steps of next-token training on the training questions' reference
+answers, written as a response gives them (`answer_target`), before GRPO, so that GRPO starts from the SFT model
+and takes it as its frozen KL reference:
+
+- batches of `batch_size` questions, the question type drawn uniformly first, then a question of that type, so a
+  rare type (counting3: one question per map) is learnt as often as a common one; batch k is drawn from (seed, k)
+  alone;
+- full fine-tuning, or LoRA adapters of `lora_rank` merged into the weights at the end (`--sft-lora-rank`);
+- the learning rate warms up linearly over the first 10% of the steps, then follows a cosine down to 0 (`lr_at`);
+  gradients clipped at norm 1 (LLaMA-Factory's default);
+- resumable: every `save_every` steps and at the end, the trained weights (the adapters with LoRA), the optimizer's
+  moments, the step and the losses so far go to `folder` (written atomically); `sft(..., folder=...)` continues
+  from there, batch for batch, or loads the finished SFT's weights without redoing it.
+
+`data="released"` trains on what the authors' SFT data holds (utils/prepare_data_for_sft.py): the five
+ReasonMap-Plus types only, the bare answer (`yes`, `B`, `3`, no box). The default, "all", teaches every type in the
+answer format the reward reads (boxed; planning: the route block).
+"""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from model import Policy, encode_prompts, join_prompt_response
+from scaling import lora
+from speed.logprobs import response_logprobs
+from transit.metro import PLUS_QTYPES
+
+STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
+WARMUP = 0.1  # the authors' warmup_ratio
+MAX_GRAD_NORM = 1.0
+DATA = ("all", "released")
+
+
+def answer_target(sample, data: str = "all") -> str:
+    """The response a question should get: a judgement / counting answer boxed, a planning question's reference
+    route as it stands (ReasonMap's `Route Name: ... -- ...` blocks, what the planning reward parses); with
+    `data="released"` the bare answer, as the authors' SFT data has it."""
+    if sample.qtype == "planning" or data == "released":
+        return sample.answer
+    return f"\\boxed{{{sample.answer}}}"
+
+
+def lr_at(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
+    """The learning rate of step `step` (0-based) of `steps`: linear warmup over the first `warmup` share of the
+    steps, then a cosine from `lr` down to 0 (transformers' get_cosine_schedule_with_warmup, LLaMA-Factory's)."""
+    ramp = math.ceil(warmup * steps)
+    if step < ramp:
+        return lr * (step + 1) / ramp
+    progress = (step - ramp) / max(1, steps - ramp)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def batch_at(by_type: dict[str, list], step: int, batch_size: int, seed: int) -> list:
+    """Batch `step`: `batch_size` questions, each of a uniformly drawn type, from (seed, step) alone."""
+    rng = random.Random(f"{seed}:sft:{step}")
+    types = sorted(by_type)
+    return [rng.choice(by_type[rng.choice(types)]) for _ in range(batch_size)]
+
+
+def targets_of(policy: Policy, batch: list, data: str = "all") -> list[list[int]]:
+    """The token ids each question of `batch` should be answered with: its answer target, then end-of-turn."""
+    return [policy.tokenizer.encode(answer_target(s, data), add_special_tokens=False) + [policy.eos_id] for s in batch]
+
+
+def nll(policy: Policy, batch: list, targets: list[list[int]]):
+    """Summed negative log-likelihood of the `targets` (token ids) as responses to `batch`'s questions."""
+    width = max(map(len, targets))
+    ids = torch.tensor([t + [policy.pad_id] * (width - len(t)) for t in targets], device=policy.device)
+    mask = torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in targets], device=policy.device)
+    rows = torch.arange(len(batch), device=policy.device)
+    logp = response_logprobs(policy.model, join_prompt_response(encode_prompts(policy, batch), rows, ids, mask))
+    return -(logp * mask).sum()
+
+
+def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, seed: int = 0, lora_rank: int = 0,
+        lora_targets=lora.DEFAULT_TARGETS, make_optimizer=None, folder: Path | None = None, save_every: int = 0,
+        config: dict | None = None, data: str = "all", progress: bool = False, micro_batch_size: int = 0) -> list[float]:
+    """SFT of `policy` in place (module docstring); returns every step's loss, the mean negative log-likelihood per
+    answer token. Each batch goes through forward/backward `micro_batch_size` questions at a time (0: all at once),
+    its gradients accumulated and divided by the whole batch's token count. `make_optimizer(model)` builds the
+    optimizer over the model's trainable parameters (default: torch AdamW at `lr`, no weight decay). With `folder`,
+    a state saved there is resumed (its `config` must equal this run's) and the state is saved every `save_every`
+    steps and at the end."""
+    if data not in DATA:
+        raise ValueError(f"--sft-data must be one of {', '.join(DATA)}, got {data!r}")
+    by_type: dict[str, list] = {}
+    for s in samples:
+        if data == "all" or s.qtype in PLUS_QTYPES:
+            by_type.setdefault(s.qtype, []).append(s)
+    if steps and not by_type:
+        raise ValueError("--sft: the training data has no questions to learn answers from")
+    trainable = {name: p.requires_grad for name, p in policy.model.named_parameters()}
+    if lora_rank:
+        lora.add_lora(policy.model, lora_rank, 2.0 * lora_rank, lora_targets, seed=seed)
+    trained = _trained_state(policy.model, lora_rank)
+    optimizer = (make_optimizer or (lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad],
+                                                                lr=lr, weight_decay=0.0)))(policy.model)
+    start, losses = _resume(policy.model, optimizer, folder, lora_rank, config)
+    was_training = policy.model.training
+    policy.model.train()
+    bar = tqdm(total=steps, initial=start, desc="sft", dynamic_ncols=True, disable=not progress)
+    for step in range(start, steps):
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
+        batch = batch_at(by_type, step, batch_size, seed)
+        targets = targets_of(policy, batch, data)
+        count, total, micro = sum(map(len, targets)), 0.0, micro_batch_size or len(batch)
+        optimizer.zero_grad(set_to_none=True)
+        for k in range(0, len(batch), micro):
+            summed = nll(policy, batch[k : k + micro], targets[k : k + micro])
+            (summed / count).backward()
+            total += summed.item()
+        torch.nn.utils.clip_grad_norm_([p for p in policy.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
+        optimizer.step()
+        losses.append(total / count)
+        bar.update()
+        bar.set_postfix(nll=f"{losses[-1]:.3f}", refresh=False)
+        if folder is not None and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
+            _save(folder, step + 1, trained(), optimizer, losses, config)
+    bar.close()
+    policy.model.train(was_training)
+    optimizer.zero_grad(set_to_none=True)
+    if lora_rank:  # GRPO starts from (and is anchored to) the SFT model: the adapters folded into its weights
+        lora.merge_lora(policy.model)
+        for name, p in policy.model.named_parameters():  # what trained before trains again
+            p.requires_grad_(trainable.get(name, True))  # (a tied head untied by the merge is new)
+    return losses
+
+
+def _trained_state(model, lora_rank: int):
+    """What SFT changes, to save: the adapters with LoRA, else every weight."""
+    return (lambda: lora.adapter_state_dict(model)) if lora_rank else model.state_dict
+
+
+def _save(folder: Path, step: int, weights: dict, optimizer, losses: list[float], config: dict | None) -> None:
+    """Write the SFT state atomically: a kill leaves the previous state or this one, never half of one."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (STATE + ".tmp")
+    torch.save({"step": step, "weights": {k: v.detach().cpu() for k, v in weights.items()},
+                "optimizer": optimizer.state_dict(), "losses": list(losses), "config": config or {}}, tmp)
+    tmp.replace(folder / STATE)
+
+
+def _resume(model, optimizer, folder: Path | None, lora_rank: int, config: dict | None) -> tuple[int, list[float]]:
+    """(first step, losses so far): from `folder`'s saved state when there is one, else (0, [])."""
+    path = folder / STATE if folder is not None else None
+    if path is None or not path.is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if config is not None and state["config"] != config:
+        differ = sorted(k for k in set(config) | set(state["config"]) if config.get(k) != state["config"].get(k))
+        raise ValueError(f"--resume: {path} was written by an SFT with other settings ({', '.join(differ)})")
+    if lora_rank:
+        lora.load_adapter_state_dict(model, state["weights"], str(path))
+    else:
+        model.load_state_dict(state["weights"])
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], state["losses"]
