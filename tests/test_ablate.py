@@ -138,3 +138,16 @@ def test_cells_mean_and_sample_std():
     assert ablate.cell([0.5, 0.7, None], percent=True) == "60.0 ± 14.1 (n=2)"
     assert ablate.cell([1.0, 2.0, 3.0]) == "2.00 ± 1.00"
     assert ablate.cell([0.25]) == "0.25 ± 0.00" and ablate.cell([None, None]) == "–"
+
+
+def test_sft_rows_are_the_papers_comparison(tmp_path):
+    """The SFT row trains and evaluates the SFT model alone (no GRPO step); SFT -> RL runs GRPO from it without a
+    curriculum (one stage), the authors' SFT + RL."""
+    assert ablate.train_argv("sft", 0, 1, 4, [])[:8] == [*ablate.FROM_SCRATCH, "--stage", "sft"]  # the row's --sft wins
+    out = ablate.main(["--rows", "sft", "sft-rl", "--seeds", "0", "--out", str(tmp_path / "abl"),
+                       "--cache-dir", str(tmp_path / "cache"), *SMALL, "--sft", "3"])
+    sft_run, sft_rl = out["sft"][0], out["sft-rl"][0]
+    assert sft_run["whole_run"]["steps"] == 0 and sft_run["stages"] == {} and sft_run["final"]["n"] == 4
+    assert list(sft_rl["stages"]) == ["all"] and sft_rl["whole_run"]["steps"] == 3  # 3 x 1 step: no curriculum
+    md = (tmp_path / "abl" / "ablation.md").read_text()
+    assert "| SFT | **whole run" in md and "| SFT -> RL | **whole run" in md

@@ -175,3 +175,12 @@ def test_every_flag_form_wins_over_presets_and_tiny_defaults(preset, form):
         assert cfg.cold_start == train.TINY_DEFAULTS["cold_start"]
     for argv in ("--replay=0", "--repl=0", "--replay 0", "--repl 0"):  # a tiny default, in every form
         assert train.parse_args(argv.split(" ")).replay == 0
+
+
+def test_sft_rl_preset_is_the_authors_sft_then_rl():
+    """scripts/sft.yaml (LoRA rank 8, lr 1e-5, their Plus-only bare-answer data), then the released RL
+    (train_sft_rl.sh), whose shuffled loader has no curriculum."""
+    cfg = train.parse_args(["--preset", "sft-rl"])
+    assert (cfg.sft, cfg.sft_lr, cfg.sft_lora_rank, cfg.sft_data) == (169, 1e-5, 8, "released")
+    assert cfg.curriculum == "none" and (cfg.group_size, cfg.kl_coef, cfg.lr) == (4, 1e-2, 1e-6)
+    assert {k: getattr(cfg, k) for k in train.PRESETS["released"]} == train.PRESETS["released"]

@@ -12,6 +12,8 @@ Rows (name: the train.py flags that make it; `--rows` takes the short names):
     curriculum        + curriculum          --no-detail-reward
     rewardmap         RewardMap             (train.py's defaults: fine curriculum, detail reward)
     dynamic-sampling  dynamic sampling instead of the detail reward   --no-detail-reward --dynamic-sampling
+    sft               SFT                   --stage sft --sft 200         (not run by default: --rows sft sft-rl rewardmap)
+    sft-rl            SFT -> RL             --sft 200 --curriculum none   (the authors' SFT + RL: their loader shuffles)
 
 Every (row, seed) is one `train.main([...])` in this process, into `--out/<row>/seed-<s>/`, then its final
 model is evaluated once more; the numbers of a finished run go to `result.json` there, and a later call skips
@@ -73,8 +75,12 @@ ROWS: dict[str, tuple[str, list[str]]] = {
     "curriculum": ("+ curriculum", ["--no-detail-reward"]),
     "rewardmap": ("RewardMap", []),
     "dynamic-sampling": ("dynamic sampling instead of the detail reward", ["--no-detail-reward", "--dynamic-sampling"]),
+    "sft": ("SFT", ["--stage", "sft", "--sft", "200"]),
+    "sft-rl": ("SFT -> RL", ["--sft", "200", "--curriculum", "none"]),
 }
-"""short name -> (the paper's row name, train.py flags)."""
+"""short name -> (the paper's row name, train.py flags). SFT and SFT -> RL are the paper's comparison (the authors'
+SFT, then RL from the SFT model, whose shuffled loader has no curriculum): here 200 SFT steps at the run's --lr."""
+DEFAULT_ROWS = ("rl-baseline", "detail-reward", "curriculum", "rewardmap", "dynamic-sampling")
 
 FROM_SCRATCH = ["--sft", "0", "--replay", "0", "--lr", "2e-3"]
 """Every row starts GRPO from the random tiny model, without train.py's tiny defaults (train.TINY_DEFAULTS: a
@@ -95,7 +101,7 @@ RESULT = "result.json"
 
 def train_argv(row: str, seed: int, steps_per_stage: int, eval_samples: int, extra: list[str]) -> list[str]:
     """The train.py flags of one (row, seed), without --out / --cache-dir (which do not change the run)."""
-    flags = ROWS[row][1] + FROM_SCRATCH + list(extra)
+    flags = FROM_SCRATCH + ROWS[row][1] + list(extra)
     stages = len(curriculum.stage_names(train.parse_args(flags + ["--seed", str(seed)]).curriculum))
     steps = math.ceil(steps_per_stage * FULL_STAGES / stages)  # the same number of GRPO steps for every row
     return flags + ["--seed", str(seed), "--max-steps-per-stage", str(steps), "--eval-samples", str(eval_samples)]
@@ -117,7 +123,8 @@ def mean_of(rows: list[dict], key: str):
 def summarise_run(folder: Path, stage_names: list[str]) -> dict:
     """Per stage and over the whole run: GRPO steps, mean training reward, zero-variance share, prompts drawn
     by dynamic sampling (metrics.jsonl), and the end-of-stage evaluation (eval_<stage>.json)."""
-    log = [json.loads(l) for l in (folder / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    metrics = folder / "metrics.jsonl"  # none for the SFT row (--stage sft: no GRPO step)
+    log = [json.loads(l) for l in metrics.read_text().splitlines() if l.strip()] if metrics.exists() else []
 
     def part(rows: list[dict]) -> dict:
         return {"steps": len(rows), "reward": mean_of(rows, "reward/total"),
@@ -165,7 +172,8 @@ def run_one(row: str, seed: int, argv: list[str], folder: Path, cache_dir: str) 
     train.train(cfg)
     final = final_eval(cfg, folder)
     result = {"row": row, "name": ROWS[row][0], "seed": seed, "argv": argv, "seconds": round(time.time() - t0, 1),
-              **summarise_run(folder, curriculum.stage_names(cfg.curriculum)), "final": final}
+              **summarise_run(folder, [] if cfg.stage == "sft" else curriculum.stage_names(cfg.curriculum)),
+              "final": final}
     tmp = done.with_suffix(".tmp")
     tmp.write_text(cli.dumps(result, indent=1) + "\n")
     tmp.replace(done)  # written last and atomically: its presence means the run is complete
@@ -214,7 +222,8 @@ def table(results: dict[str, list[dict]]) -> str:
         if len(stage_names) > 1:
             for st in stage_names:
                 lines.append(line(name, st, [r["stages"][st] for r in runs], [r["stages"][st]["eval"] for r in runs]))
-        whole = "whole run, final model" if len(stage_names) > 1 else f"whole run ({stage_names[0]}), final model"
+        whole = ("whole run, final model" if len(stage_names) > 1 else
+                 f"whole run ({stage_names[0]}), final model" if stage_names else "whole run (SFT alone), final model")
         lines.append(line(name, whole, [r["whole_run"] for r in runs], [r["final"] for r in runs], bold=True))
     return "\n".join(lines)
 
@@ -272,7 +281,8 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefa
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     ap = argparse.ArgumentParser(description=__doc__, allow_abbrev=False, formatter_class=_HelpFormatter,
                                  epilog="Any other flag is passed to train.py for every run (e.g. --cities 3 --batch-size 4).")
-    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS), help="the ablation rows to run")
+    ap.add_argument("--rows", nargs="+", default=list(DEFAULT_ROWS), choices=list(ROWS),
+                    help="the ablation rows to run (sft, sft-rl: the paper's SFT comparison)")
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="seeds, one run per row and seed")
     ap.add_argument("--max-steps-per-stage", type=int, default=20,
                     help="GRPO steps per curriculum stage (a one-stage row gets 3x this in its stage; 0: one pass)")
