@@ -172,7 +172,7 @@ def test_every_flag_form_wins_over_presets_and_tiny_defaults(preset, form):
     if preset:  # the rest of the preset still applies
         assert cfg.model == train.PRESETS[preset]["model"]
     else:  # the rest of the tiny defaults still apply
-        assert cfg.cold_start == train.TINY_DEFAULTS["cold_start"]
+        assert cfg.sft == train.TINY_DEFAULTS["sft"]
     for argv in ("--replay=0", "--repl=0", "--replay 0", "--repl 0"):  # a tiny default, in every form
         assert train.parse_args(argv.split(" ")).replay == 0
 
