@@ -19,6 +19,7 @@ import html
 import io
 import random
 import re
+from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
@@ -110,6 +111,21 @@ def metrics_for(samples: list, responses: list[str], long: bool = False) -> dict
         per_type.setdefault(s.qtype, []).append(float(ok))
     summary["per_type_accuracy"] = {q: sum(v) / len(v) for q, v in sorted(per_type.items())}
     return summary
+
+
+def answer_priors(train: list, test: list) -> dict[str, dict]:
+    """Each question type's answer prior: the training split's most common answer of that type (ties broken by
+    the answer's text) and its accuracy on `test`'s questions of that type (exact match with the reference
+    answer). What a model that reads only the question type can score: the floor that learning shows above."""
+    out = {}
+    for q in sorted({s.qtype for s in test}):
+        counts = Counter(s.answer for s in train if s.qtype == q)
+        if not counts:
+            continue
+        answer = min(counts, key=lambda a: (-counts[a], a))
+        pool = [s for s in test if s.qtype == q]
+        out[q] = {"answer": answer, "accuracy": sum(s.answer == answer for s in pool) / len(pool)}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -303,7 +319,9 @@ def table(summary: dict) -> str:
                  ("Planning weighted map score", _num(p["weighted_map_score"]), _num(q.get("weighted_map_score", NAN))),
                  ("  unweighted acc", _pct(p["acc"]), _pct(q.get("acc", NAN))),
                  ("  unweighted map score", _num(p["map_score"]), _num(q.get("map_score", NAN)))]
-    rows += [(f"accuracy {q}", _pct(a), "") for q, a in summary["per_type_accuracy"].items()]
+    priors = summary.get("priors", {})
+    rows += [(f"accuracy {q}" + (f" (answer prior {_pct(priors[q]['accuracy'])})" if q in priors else ""), _pct(a), "")
+             for q, a in summary["per_type_accuracy"].items()]
     width = max(len(k) for k, _, _ in rows)
     return "\n".join(f"{k:<{width}}  {a:>8}  {b:>8}".rstrip() for k, a, b in rows)
 
@@ -387,6 +405,7 @@ def main(argv: list[str] | None = None) -> dict:
     plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
     summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,
                        batch_size=a.batch_size, long=a.long)
+    summary["priors"] = answer_priors(train, samples)
     out = Path(a.out or (a.model if Path(a.model).is_dir() else "runs/eval"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(cli.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

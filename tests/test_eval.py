@@ -8,6 +8,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 from PIL import Image
+from conftest import plus_sample
 
 from plumbing import cli
 import data
@@ -213,3 +214,12 @@ def test_eval_main_end_to_end_writes_strict_json_and_html(tmp_path, capsys):
     assert parsed.sections == 6 and "ReasonMap-Plus weighted acc" in "".join(parsed.text)
     printed = capsys.readouterr().out
     assert f"wrote {out / 'eval.json'} and {out / 'eval.html'}" in printed
+
+
+def test_answer_priors_are_the_training_splits_most_common_answers():
+    train = [plus_sample("torf1", a) for a in "yes yes no".split()] + [plus_sample("counting2", a) for a in "2 1 1 2".split()]
+    test = [plus_sample("torf1", a) for a in "yes no no no".split()] + [plus_sample("counting2", "1")]
+    priors = evaluation.answer_priors(train, test)
+    assert priors == {"torf1": {"answer": "yes", "accuracy": 0.25}, "counting2": {"answer": "1", "accuracy": 1.0}}
+    summary = {"per_type_accuracy": {"torf1": 0.5}, "priors": priors}
+    assert "accuracy torf1 (answer prior 25.0%)" in evaluation.table(summary)
