@@ -329,6 +329,22 @@ def table(archs=("3b", "7b"), gpu_counts=(1, 2, 4, 8), usable_gib: float = USABL
     return rows
 
 
+def sft_rl_rows(arch: str = "7b", max_pixels: int = DEFAULT_PIXELS) -> list[dict]:
+    """The paper's SFT comparison (train.py --preset sft-rl): its SFT (LoRA rank 8, micro-batch 1: one question and
+    its ~16-token answer per forward) on one GPU, then its RL (the released script: G = 4, micro-batch 1) on 8 GPUs
+    (`master`) or on one (`stochastic` + 8-bit moments). Peak GiB per GPU at the image budget `max_pixels`."""
+    s, pl = shape_of(arch), paper_batch(max_pixels)["prompt_len"]
+    sft = plan(s, "plain", False, 1, prompts=1, group_size=1, prompt_len=pl, response_len=16, micro_batch=1,
+               decode_chunk=1, lora_rank=8)
+    rows = [dict(arch=arch, phase="sft (LoRA rank 8)", scheme="plain", gpus=1, peak_gib=round(sft["peak"] / GiB, 1))]
+    rl = dict(prompts=16, group_size=4, prompt_len=pl, response_len=2048, micro_batch=1)
+    for scheme, eight, gpus in (("master", False, 8), ("stochastic", True, 1)):
+        p = plan(s, scheme, eight, gpus, decode_chunk=auto_chunk(s, scheme, eight, gpus, **rl), **rl)
+        rows.append(dict(arch=arch, phase="rl (G 4)", scheme=scheme + ("+8bit" if eight else ""), gpus=gpus,
+                         peak_gib=round(p["peak"] / GiB, 1)))
+    return rows
+
+
 def print_table(rows: list[dict]) -> None:
     """Human table, then one JSON line with every row."""
     pixels = rows[0]["max_pixels"] if rows else DEFAULT_PIXELS

@@ -241,3 +241,11 @@ def test_image_budget_sets_the_prompt_and_what_fits():
     assert reduced[("master", 8, 8)]["fits"] and not full[("master", 8, 8)]["fits"]
     assert full[("master", 8, 2)]["fits"] and full[("master", 8, 2)]["recommended"]
     assert all(r["max_pixels"] == memory.DEFAULT_PIXELS for r in full.values())
+
+
+def test_sft_comparison_rows():
+    """The SFT (LoRA rank 8) holds the bf16 base and little else; its RL at G = 4 on 8 GPUs fits an 80 GB card."""
+    rows = memory.sft_rl_rows()
+    assert [r["phase"] for r in rows] == ["sft (LoRA rank 8)", "rl (G 4)", "rl (G 4)"]
+    base = 2 * memory.shape_of("7b")["params"] / memory.GiB
+    assert base < rows[0]["peak_gib"] < memory.USABLE_GIB and rows[1]["peak_gib"] < memory.USABLE_GIB

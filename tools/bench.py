@@ -381,8 +381,11 @@ def main(argv=None) -> dict:
         from scaling import memory
         from tools import memory_check
 
-        out = {"memory_plan": memory.table(max_pixels=args.max_pixels)}
+        out = {"memory_plan": memory.table(max_pixels=args.max_pixels),
+               "sft_rl": memory.sft_rl_rows(max_pixels=args.max_pixels)}
         memory.print_table(out["memory_plan"])
+        print("The paper's SFT comparison (--preset sft-rl), peak GiB per GPU: " + "; ".join(
+            f"{r['arch']} {r['phase']} {r['scheme']} on {r['gpus']} GPU(s): {r['peak_gib']}" for r in out["sft_rl"]))
         if args.self_check:
             out["self_check"] = memory_check.self_check()
             out["self_check_lora"] = memory_check.self_check(lora_rank=memory.LORA_RANK)
