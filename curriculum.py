@@ -121,16 +121,11 @@ def batches(stage_samples: Sequence[T], batch_size: int, max_steps: int | None =
 
 
 def with_replay(steps: list[list[T]], earlier: Sequence[T], fraction: float, seed: int = 0, stage: str = "") -> list[list[T]]:
-    """Add round(`fraction` x batch size) questions of earlier stages to every batch of a stage (against
-    forgetting: without it the tiny default, trained last on planning, answers every question with a route).
+    """Add round(`fraction` x batch size) questions of earlier stages to every batch of a stage, against forgetting
+    (not in the paper; off by default, `--replay`; the tiny default uses 0.5, docs/results.md says why).
 
-    The earlier questions come in a seeded shuffled order, cycling, so each comes back about equally often;
-    the stage's own questions are all kept (one pass, as before). `fraction` 0 or no earlier stage: unchanged.
-    Not in the paper, and off by default (`--replay`): the tiny default's policy gives one answer to every
-    question, whatever its type (docs/rewardmap.md §5), so replay only changes which answer survives. 0.25
-    kept yes/no answers after planning (held-out TorF 0% -> 48%) but stalled the counting stage, whose
-    batches then rewarded the replayed yes/no answers (counting 13% -> 0%); 0.25 in the planning stage
-    alone left 0% on every type."""
+    The earlier questions come in a seeded shuffled order, cycling, so each comes back about equally often; the
+    stage's own questions are all kept (one pass, as before). `fraction` 0 or no earlier stage: unchanged."""
     if not steps or not earlier or fraction <= 0:
         return steps
     pool = list(earlier)
