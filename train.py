@@ -13,7 +13,9 @@ policy), curves.png, eval_<stage>.json (end-of-stage evaluation). The method is 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import random
+import shutil
 from collections import Counter
 import time
 from dataclasses import dataclass, field
@@ -425,17 +427,35 @@ def drop_long_prompts(policy: models.Policy, samples: list, limit: int) -> list:
     return [s for s, cut in zip(samples, long) if not cut]
 
 
+SFT_SETTINGS = ("model", "data", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
+                "bf16_update", "max_pixels")
+"""What an SFT's result depends on (with its learning rate): the SFT state records them, a resumed or cached SFT
+must match them."""
+
+
 def run_sft(cfg: TrainConfig, policy: models.Policy, samples: list, out: Path) -> None:
     """The SFT stage (variants/sft.py) in --out/sft: resumed from its saved state with --resume (a finished SFT is
-    loaded, not redone), with the run's precision scheme for its optimizer."""
+    loaded, not redone), with the run's precision scheme for its optimizer. The tiny model's finished SFT is also
+    kept in --cache-dir/sft/, keyed by everything it depends on, so that only the first run of a setting pays for it."""
     dtype, master = precision_of(cfg)
+    lr = cfg.sft_lr or cfg.lr
     make = lambda model: precision.make_optimizer(  # noqa: E731
-        model, cfg.sft_lr or cfg.lr, 0.0, stochastic_rounding=dtype != torch.float32 and not master and not cfg.sft_lora_rank,
-        seed=cfg.seed)
-    settings = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in MAY_CHANGE_ON_RESUME}
-    losses = sft.sft(policy, samples, cfg.sft, cfg.sft_lr or cfg.lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
+        model, lr, 0.0, stochastic_rounding=dtype != torch.float32 and not master and not cfg.sft_lora_rank, seed=cfg.seed)
+    settings = {**{k: getattr(cfg, k) for k in SFT_SETTINGS}, "lr": lr, "version": sft.VERSION}
+    state = out / "sft" / sft.STATE
+    cached = Path(cfg.cache_dir) / "sft" / f"{hashlib.sha256(cli.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+    if cfg.model == "tiny" and cached.is_file() and not state.is_file():
+        state.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, state)  # the finished SFT of these settings: loaded below, not redone
+        if distributed.is_main():
+            print(f"sft: the {cfg.sft} steps of these settings were done before, loaded from {cached}")
+    losses = sft.sft(policy, samples, cfg.sft, lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
                      lora.default_targets(cfg.model), make, out / "sft", cfg.save_every, settings, cfg.sft_data,
                      progress=distributed.is_main(), micro_batch_size=cfg.micro_batch_size)
+    if cfg.model == "tiny" and not cached.is_file() and state.is_file() and distributed.is_main():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(state, cached.with_suffix(".tmp"))
+        cached.with_suffix(".tmp").replace(cached)
     if distributed.is_main():
         print(f"sft: {cfg.sft} steps, answer NLL {losses[0]:.3f} -> {losses[-1]:.3f} (state in {out / 'sft'})")
 

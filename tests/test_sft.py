@@ -1,6 +1,7 @@
 """variants/sft.py: supervised fine-tuning before GRPO (train.py --sft): it learns the answers (full or LoRA, VLM or
 text model), is the same on every run of a config, runs before the reference is copied (KL 0 at GRPO's first step),
 and a run killed at any step of it or of GRPO resumes exactly."""
+import shutil
 import signal
 import subprocess
 import sys
@@ -74,6 +75,7 @@ def test_a_run_killed_in_its_sft_resumes_with_the_same_losses_and_grpo(lora_rank
     losses = torch.load(straight / "sft" / sft.STATE, weights_only=True)["losses"]
     log = rows(straight / "metrics.jsonl")
     assert len(losses) == 6 and len(log) == 2 and log[0]["kl"] == 0.0
+    shutil.rmtree(tmp_path / "cache" / "sft")  # the straight run's cached SFT would spare the killed run its SFT
     killed = tmp_path / "killed"
     script = kill_script(4).replace("train.grpo.grpo_step", "train.sft.nll").replace("real(*a, **kw)", "real(*a, **kw)")
     proc = subprocess.run([sys.executable, "-c", script, *args, "--out", str(killed)], cwd=ROOT,
@@ -160,3 +162,21 @@ def test_micro_batches_give_the_whole_batchs_update(tiny_lm):
     assert a == pytest.approx(b, rel=1e-5)
     for p, q in zip(whole.model.parameters(), parts.model.parameters()):
         assert torch.allclose(p, q, atol=1e-4)  # Adam divides by sqrt(v): near-zero gradients amplify rounding
+
+
+def test_the_tiny_models_sft_is_cached_for_later_runs(tmp_path, capsys, monkeypatch):
+    """A second run with the same SFT settings (another --out, other GRPO flags) loads the finished SFT from
+    --cache-dir instead of redoing it, and gets the same SFT model (KL 0 at step 1, the same first step); another
+    SFT setting is not served from the cache."""
+    args = small_args(tmp_path, "--stage", "judgement", "--max-steps-per-stage", "1", "--eval-samples", "2", "--sft", "4")
+    train.main(args + ["--out", str(tmp_path / "a")])
+    first = rows(tmp_path / "a" / "metrics.jsonl")[0]
+    calls = []
+    real = train.sft.nll
+    monkeypatch.setattr(train.sft, "nll", lambda *a, **k: calls.append(1) or real(*a, **k))
+    capsys.readouterr()
+    train.main(args + ["--out", str(tmp_path / "b")])
+    assert not calls and "were done before, loaded from" in capsys.readouterr().out
+    assert comparable(rows(tmp_path / "b" / "metrics.jsonl")[0]) == comparable(first)
+    train.main(args + ["--out", str(tmp_path / "c"), "--sft-batch-size", "8"])
+    assert len(calls) == 4  # another setting: trained

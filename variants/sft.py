@@ -36,6 +36,7 @@ from speed.logprobs import response_logprobs
 from transit.metro import PLUS_QTYPES
 
 STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
+VERSION = 1  # bump when what `sft` computes changes (part of the key of a cached SFT)
 WARMUP = 0.1  # the authors' warmup_ratio
 MAX_GRAD_NORM = 1.0
 DATA = ("all", "released")
