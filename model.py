@@ -149,13 +149,14 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
 
 
 def check_model_path(name_or_path: str) -> None:
-    """A clear error for a --model that cannot be a model: a folder without config.json, or a path (absolute or
-    starting with . or ~) that does not exist. Other names are hub ids, for transformers to find."""
+    """A clear error for a --model that cannot be a model: a folder without config.json, or a path that does not
+    exist (absolute, starting with . or ~, or with more than one /). Other names are hub ids (`org/name`), for
+    transformers to find."""
     path = Path(name_or_path).expanduser()
     if path.is_dir() and not (path / "config.json").is_file():
         raise ValueError(f"{name_or_path}: not a model folder (no config.json; a model folder is what "
                          "save_pretrained writes: config.json, *.safetensors, the tokenizer's files)")
-    if not path.exists() and name_or_path.startswith(("/", ".", "~")):
+    if not path.exists() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
         raise FileNotFoundError(f"{name_or_path}: no such model folder")
 
 

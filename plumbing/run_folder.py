@@ -108,6 +108,10 @@ def _lock(out: Path) -> int:
             os.close(fd)
             raise OSError(f"{out} is in use by {holder} ({path}): one run writes a folder at a time; wait for it "
                           "to end, stop it, or use another --out") from None
+        except OSError as e:  # ENOLCK, ENOSYS, EOPNOTSUPP: e.g. Lustre mounted without -o flock
+            os.close(fd)
+            raise OSError(f"cannot lock {path} ({e.strerror}): this file system does not support flock; put --out "
+                          "on one that does (local disks and NFS do; Lustre with -o flock)") from None
         with contextlib.suppress(FileNotFoundError):
             if os.fstat(fd).st_ino == os.stat(path).st_ino:  # not a file that a failed launch removed meanwhile
                 break
