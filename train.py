@@ -285,18 +285,19 @@ class Run:
 def train(cfg: TrainConfig) -> dict:
     """Run the curriculum; returns {stage: end-of-stage eval summary}. Under torchrun, every rank runs this
     (scaling/distributed.py): each takes its share of every batch; rank 0 alone writes files and prints.
-    [safety] One run at a time writes --out (its lock, plumbing/run_folder.py), and SIGTERM stops it cleanly
-    after the step in progress, with a checkpoint (plumbing/signals.py)."""
+    [safety] One run at a time writes --out (its lock, plumbing/run_folder.py), and during GRPO a SIGTERM stops it
+    cleanly after the step in progress, with a checkpoint (plumbing/signals.py)."""
     distributed.setup()
-    with run_folder.claim(Path(cfg.out), cfg.resume, cfg.overwrite) as folder, signals.stop_on_sigterm():
+    with run_folder.claim(Path(cfg.out), cfg.resume, cfg.overwrite) as folder:
         run = start_run(cfg, folder)
         summaries = {}
-        for stage_index, (name, stage_samples) in enumerate(run.stages):
-            if stage_index < run.position["stage_index"]:
-                continue  # done before the checkpoint this run resumed from
-            summary = train_stage(run, stage_index, name, stage_samples)
-            if summary is not None:
-                summaries[name] = summary
+        with signals.stop_on_sigterm():
+            for stage_index, (name, stage_samples) in enumerate(run.stages):
+                if stage_index < run.position["stage_index"]:
+                    continue  # done before the checkpoint this run resumed from
+                summary = train_stage(run, stage_index, name, stage_samples)
+                if summary is not None:
+                    summaries[name] = summary
         export(run)
     return summaries
 
@@ -395,7 +396,7 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
     if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
         train_samples = drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens)
-        stages = selected_stages(cfg, train_samples)
+        stages = selected_stages(cfg, train_samples, f" left by --max-prompt-tokens {cfg.max_prompt_tokens}")
     folder.begin(dataclasses.asdict(cfg), run_folder.launch_facts(
         policy.device, precision_of(cfg)[0], next(policy.model.parameters()).dtype,
         state["position"]["global_step"] if state else None))
@@ -485,15 +486,15 @@ def open_run_folder(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | No
     return ckpt, state
 
 
-def selected_stages(cfg: TrainConfig, train_samples: list) -> list[tuple[str, list]]:
+def selected_stages(cfg: TrainConfig, train_samples: list, left: str = "") -> list[tuple[str, list]]:
     """The curriculum's stages (curriculum.build_curriculum); a stage the run trains that has no questions in the
-    data is an error naming it."""
+    data (or none `left` by a filter) is an error naming it."""
     stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     empty = [name for name, part in stages if cfg.stage in ("all", name) and not part]
     if empty:
         kinds = ", ".join(sorted(set().union(*(curriculum.stage_qtypes(cfg.curriculum, n) for n in empty))))
-        raise ValueError(f"--data {cfg.data or '(synthetic)'}: no training questions of stage {', '.join(empty)} "
-                         f"({kinds}); train the other stages with --stage, or add data that has them")
+        raise ValueError(f"--data {cfg.data or '(synthetic)'}: no training questions{left} of stage "
+                         f"{', '.join(empty)} ({kinds}); train the other stages with --stage, or add data that has them")
     return stages
 
 

@@ -1,6 +1,6 @@
 """SIGTERM, what a scheduler sends before it kills a job, as a clean stop (docs/reliability.md).
 
-    with signals.stop_on_sigterm():        # train.train: around the run
+    with signals.stop_on_sigterm():        # train.train: around the GRPO stages
         ...
         if signals.requested():            # train.train_stage: before each GRPO step
             ...                            # a checkpoint of the steps done, then exit with STOPPED
@@ -9,7 +9,9 @@ The handler only notes the signal: the step in progress finishes, then the run w
 with status STOPPED (143, as a process ended by SIGTERM); `--resume` continues exactly. Under torchrun the launcher
 passes SIGTERM on to every rank, and `requested` is true on every rank when any rank has it (one all-reduce per
 step), so all ranks stop after the same step and write one checkpoint together; torchrun waits
-`--shutdown-timeout` seconds (default 30) for that before it kills them. A second SIGTERM stops at once.
+`--shutdown-timeout` seconds (default 30) for that before it kills them. A second SIGTERM stops at once. Before
+GRPO (loading, the SFT) and while the final model is exported, SIGTERM ends the process as usual: --resume continues
+from the last state saved (the SFT saves its own every --save-every steps).
 """
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ import train
 from plumbing import checkpoints, cli, run_folder, signals
 from scaling import distributed
 from test_train import ROOT, comparable, rows, small_args
-from variants import coldstart
 
 # one stage, 4 steps, a checkpoint after each: the uninterrupted run the interrupted ones are compared with
 STEPS = ["--stage", "judgement", "--max-steps-per-stage", "4", "--save-every", "1", "--eval-samples", "2"]
@@ -139,8 +138,13 @@ def test_a_launch_that_fails_leaves_no_folder_and_frees_the_lock(tmp_path, capsy
     assert not out.exists()  # the claim never began a run: its folder is gone again
 
 
-def test_the_outputs_overwrite_deletes_include_the_cold_start():
-    assert coldstart.SAVED in run_folder.OUTPUTS
+def test_an_sft_state_is_an_earlier_run_and_overwrite_deletes_it(cache, tmp_path):
+    out = tmp_path / "run"
+    train.main(args(cache, out, "--stage", "sft", "--sft", "2"))
+    (out / "config.json").unlink()
+    assert "sft" in run_folder.earlier_run(out)  # the SFT's state alone is a run to --resume
+    run_folder.clear(out)
+    assert run_folder.earlier_run(out) == []
 
 
 # ----------------------------------------------------------------------------- 2. a run folder says how it was made

@@ -34,7 +34,7 @@ import train
 from plumbing import checkpoints
 
 ROOT = Path(__file__).resolve().parents[1]
-RUN = ["--stage", "all", "--max-steps-per-stage", "8", "--save-every", "1", "--cold-start", "0", "--replay", "0",
+RUN = ["--stage", "all", "--max-steps-per-stage", "8", "--save-every", "1", "--sft", "0", "--replay", "0",
        "--cities", "3", "--batch-size", "2", "--group-size", "2", "--max-new-tokens", "4",
        "--planning-max-new-tokens", "8", "--eval-samples", "2"]
 """The soaked run: the tiny model on 3 synthetic cities, 8 GRPO steps per stage (24 in all), a checkpoint after every
