@@ -20,6 +20,7 @@ import io
 import random
 import re
 from collections import Counter
+import sys
 from dataclasses import asdict
 from pathlib import Path
 
@@ -374,6 +375,21 @@ img{{max-width:100%;border:1px solid #ddd}} td,th{{padding:2px 10px;text-align:r
     path.write_text(page, encoding="utf-8")
 
 
+def warn_if_other_data(model: str, data_flag: str, cities: int, seed: int) -> None:
+    """A warning when a model trained by train.py on one dataset is evaluated on synthetic data of another
+    --cities / --seed (or on synthetic data after training on --data): another world, whose questions it may have
+    trained on, so not its held-out test split."""
+    made = models.trained_on(model)
+    if made is None or data_flag:
+        return
+    if made["data"] or (made["cities"], made["seed"]) != (cities, seed):
+        trained = f"--data {made['data']}" if made["data"] else f"the synthetic data of --cities {made['cities']} " \
+                                                                 f"--seed {made['seed']}"
+        print(f"warning: {model} was trained on {trained}; this evaluates the synthetic data of --cities {cities} "
+              f"--seed {seed}, not its held-out split (its test questions may be among the ones it trained on): pass "
+              "the flags it was trained with", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> dict:
     """The command line: load the split and the model as train.py does, evaluate, write eval.json and eval.html."""
     ap = argparse.ArgumentParser(description="Evaluate a policy with the paper's metrics.",
@@ -402,6 +418,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
     policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir)
+    warn_if_other_data(a.model, a.data, a.cities, a.seed)
     plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
     summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,
                        batch_size=a.batch_size, long=a.long)

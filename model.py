@@ -108,10 +108,15 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
     adapter = Path(name_or_path) / lora.CONFIG_FILE
     if adapter.is_file():
         base = json.loads(adapter.read_text())["base_model_name_or_path"]
-        policy = load_policy(base, device, dtype, gradient_checkpointing, attn_implementation, max_pixels, min_pixels,
-                             master_weights, qlora)
+        try:
+            policy = load_policy(base, device, dtype, gradient_checkpointing, attn_implementation, max_pixels,
+                                 min_pixels, master_weights, qlora)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{name_or_path}: LoRA adapters whose base model cannot be loaded ({e}); point "
+                             f"base_model_name_or_path in {adapter} at the base model's folder or hub id") from e
         lora.load_adapter(policy.model, name_or_path)
         return policy
+    check_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if qlora:
         lora.check_qlora(device)
@@ -143,6 +148,18 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
     return _make_policy(model, tokenizer, image_processor, device, max_pixels, min_pixels)
 
 
+def check_model_path(name_or_path: str) -> None:
+    """A clear error for a --model that cannot be a model: a folder without config.json, or a path that does not
+    exist (absolute, starting with . or ~, or with more than one /). Other names are hub ids (`org/name`), for
+    transformers to find."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise ValueError(f"{name_or_path}: not a model folder (no config.json; a model folder is what "
+                         "save_pretrained writes: config.json, *.safetensors, the tokenizer's files)")
+    if not path.exists() and (name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1):
+        raise FileNotFoundError(f"{name_or_path}: no such model folder")
+
+
 def _make_policy(model, tokenizer, image_processor, device, max_pixels, min_pixels) -> Policy:
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
     if eos is None or eos == tokenizer.unk_token_id:
@@ -172,6 +189,12 @@ def token_budgets(model: str, plus: int = 0, planning: int = 0) -> tuple[int, in
     return plus or default[0], planning or default[1]
 
 
+def trained_on(model: str) -> dict | None:
+    """The data a policy folder saved by train.py was trained on ({"data", "cities", "seed"}), if it says."""
+    saved = Path(model) / BUDGETS_FILE
+    return json.loads(saved.read_text()).get("trained_on") if model != "tiny" and saved.is_file() else None
+
+
 def compute_dtype(name: str = "") -> torch.dtype:
     """The `--dtype` flag as a torch dtype: 'float32' or 'bfloat16'; '' picks bfloat16 on CUDA, float32 on CPU."""
     if name == "":
@@ -192,11 +215,13 @@ def reference_model(policy: Policy) -> nn.Module:
 
 
 def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None = None,
-                budgets: tuple[int, int] | None = None, state_dict: dict | None = None) -> None:
+                budgets: tuple[int, int] | None = None, state_dict: dict | None = None,
+                trained_on: dict | None = None) -> None:
     """HF `save_pretrained` (safetensors) + tokenizer + image processor: loadable by `load_policy` and by
     plain transformers (`AutoModelForImageTextToText` / `AutoModelForCausalLM`, `AutoTokenizer`).
     `dtype` casts the saved weights (e.g. bf16 for an export of float32 master weights); None keeps them.
-    `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`.
+    `budgets` (judgement / counting, planning tokens) go to `BUDGETS_FILE`, read by `token_budgets`, with
+    `trained_on` (train.py's --data, --cities, --seed), read by `trained_on`.
     `state_dict`: the weights to save instead of the model's own (a sharded model's, gathered). A model with
     LoRA adapters saves the adapters alone, in peft's format, naming its base (lora.save_adapter)."""
     from transformers.utils import logging as hf_logging
@@ -213,7 +238,8 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
         policy.model.save_pretrained(out_dir, safe_serialization=True, state_dict=state)
     if budgets is not None:
         (Path(out_dir) / BUDGETS_FILE).write_text(json.dumps(
-            {"max_new_tokens": budgets[0], "planning_max_new_tokens": budgets[1]}) + "\n")
+            {"max_new_tokens": budgets[0], "planning_max_new_tokens": budgets[1],
+             **({"trained_on": trained_on} if trained_on else {})}) + "\n")
     policy.tokenizer.save_pretrained(out_dir)
     if policy.image_processor is not None:
         policy.image_processor.save_pretrained(out_dir)

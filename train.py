@@ -16,6 +16,7 @@ import dataclasses
 import hashlib
 import random
 import shutil
+import sys
 from collections import Counter
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ import grpo
 import model as models
 import rewards
 from data import CACHE_DIR, SYNTHETIC_CITIES
-from plumbing import checkpoints, cli, flags, report
+from plumbing import checkpoints, cli, flags, report, run_folder, signals
 from scaling import distributed, lora, precision
 from variants import sft
 from variants.dynamic_sampling import max_draws
@@ -115,6 +116,8 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     """where the synthetic dataset and the tiny model are cached"""
     resume: bool = False
     """continue from the latest checkpoint in --out"""
+    overwrite: bool = False
+    """start over in an --out that holds an earlier run, deleting its files (without it, such a folder is refused: continue it with --resume)"""
     save_every: int = 50
     """write a checkpoint every N steps (and at the end of each stage)"""
     keep_checkpoints: int = 1
@@ -229,7 +232,7 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--sft-lora-rank merges the SFT adapters into the weights, which a 4-bit --qlora base cannot take")
 
 
-MAY_CHANGE_ON_RESUME = ("resume", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
+MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
                         "max_nonfinite", "gradient_checkpointing", "decode_chunk", "debug", "merge_lora", "report_to",
                         "report_samples_every")
 """The settings a resumed run may change: where things are written and how often, what is only logged, and
@@ -240,6 +243,11 @@ computes, so a resumed run must keep the killed run's value, or its steps would 
 def budgets(cfg: TrainConfig) -> tuple[int, int]:
     """The run's (judgement / counting, planning) response-token budgets (`model.token_budgets`)."""
     return models.token_budgets(cfg.model, cfg.max_new_tokens, cfg.planning_max_new_tokens)
+
+
+def trained_on(cfg: TrainConfig) -> dict:
+    """What a saved policy records of its training data (model.trained_on; eval.py warns on other synthetic data)."""
+    return {"data": cfg.data, "cities": cfg.cities, "seed": cfg.seed}
 
 
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
@@ -268,6 +276,7 @@ class Run:
     position: dict = field(default_factory=lambda: {"stage_index": 0, "step_in_stage": 0, "global_step": 0})
     reporter: object = None
     nonfinite: int = 0  # consecutive steps with a non-finite loss
+    saved_step: int = -1  # the global step of the newest checkpoint (written or resumed from)
     started: float = field(default_factory=time.time)
 
     @property
@@ -277,16 +286,21 @@ class Run:
 
 def train(cfg: TrainConfig) -> dict:
     """Run the curriculum; returns {stage: end-of-stage eval summary}. Under torchrun, every rank runs this
-    (scaling/distributed.py): each takes its share of every batch; rank 0 alone writes files and prints."""
-    run = start_run(cfg)
-    summaries = {}
-    for stage_index, (name, stage_samples) in enumerate(run.stages):
-        if stage_index < run.position["stage_index"]:
-            continue  # done before the checkpoint this run resumed from
-        summary = train_stage(run, stage_index, name, stage_samples)
-        if summary is not None:
-            summaries[name] = summary
-    export(run)
+    (scaling/distributed.py): each takes its share of every batch; rank 0 alone writes files and prints.
+    [safety] One run at a time writes --out (its lock, plumbing/run_folder.py), and during GRPO a SIGTERM stops it
+    cleanly after the step in progress, with a checkpoint (plumbing/signals.py)."""
+    distributed.setup()
+    with run_folder.claim(Path(cfg.out), cfg.resume, cfg.overwrite) as folder:
+        run = start_run(cfg, folder)
+        summaries = {}
+        with signals.stop_on_sigterm():
+            for stage_index, (name, stage_samples) in enumerate(run.stages):
+                if stage_index < run.position["stage_index"]:
+                    continue  # done before the checkpoint this run resumed from
+                summary = train_stage(run, stage_index, name, stage_samples)
+                if summary is not None:
+                    summaries[name] = summary
+        export(run)
     return summaries
 
 
@@ -298,7 +312,7 @@ def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> d
     if left_out and run.main:
         print(f"stage {name}: {left_out} prompts of its last batch left out (not divisible by {distributed.world()} ranks)")
     if not steps:
-        print(f"stage {name}: no training samples in this dataset, skipped")
+        print(f"stage {name}: not one whole batch of its prompts (--drop-last, or {distributed.world()} ranks), skipped")
         return None
     step_cfg = stage_config(cfg, name)
     probe = held_out(run.test, curriculum.stage_qtypes(cfg.curriculum, name), cfg.eval_samples, cfg.seed)
@@ -308,29 +322,32 @@ def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> d
     # stream's position goes into the checkpoint, so a resumed run draws the same prompts
     stream = curriculum.PromptStream(steps, run.position.get("prompts_in_stage", 0) if first else 0) \
         if cfg.dynamic_sampling else None
-    bar = tqdm(total=n_steps, initial=first, desc=f"stage {stage_index + 1}/{len(run.stages)} {name}",
-               dynamic_ncols=True, disable=not run.main)
-    for step in range(first, n_steps):
-        if stream is not None and not stream.left():
-            break  # the stage's prompts are used up (one pass: fewer steps than batches)
-        batch = steps[step] if stream is None else stream.take(len(steps[0]))
-        mine = distributed.my_share(batch)  # [multi-GPU] this rank's prompts; one process: all
-        metrics, responses = grpo.grpo_step(run.policy, run.reference, run.optimizer, mine, score_fn(cfg), step_cfg,
-                                            generator=run.generator, more=stream.take if stream is not None else None)
-        run.position = {"stage_index": stage_index, "step_in_stage": step + 1,
-                        "global_step": run.position["global_step"] + 1}
-        if stream is not None:
-            run.position["prompts_in_stage"] = stream.position
-        log_step(run, name, step, metrics, responses, mine)
-        bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}", kl=f"{metrics['kl']:.4f}")
-        bar.update(1)
-        stop_if_diverged(run, metrics)
-        if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe:
-            evaluate(run, probe, progress=False)
-        last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
-        if cfg.save_every and run.position["global_step"] % cfg.save_every == 0 and not last:
-            save(run)
-    bar.close()
+    with tqdm(total=n_steps, initial=first, desc=f"stage {stage_index + 1}/{len(run.stages)} {name}",
+              dynamic_ncols=True, disable=not run.main) as bar:  # closed on an error too
+        for step in range(first, n_steps):
+            if stream is not None and not stream.left():
+                break  # the stage's prompts are used up (one pass: fewer steps than batches)
+            if signals.requested():  # [safety] SIGTERM: a checkpoint of the steps done, then exit
+                stop(run)
+            batch = steps[step] if stream is None else stream.take(len(steps[0]))
+            mine = distributed.my_share(batch)  # [multi-GPU] this rank's prompts; one process: all
+            metrics, responses = grpo.grpo_step(run.policy, run.reference, run.optimizer, mine, score_fn(cfg),
+                                                step_cfg, generator=run.generator,
+                                                more=stream.take if stream is not None else None)
+            run.position = {"stage_index": stage_index, "step_in_stage": step + 1,
+                            "global_step": run.position["global_step"] + 1}
+            if stream is not None:
+                run.position["prompts_in_stage"] = stream.position
+            log_step(run, name, step, metrics, responses, mine)
+            bar.set_postfix(reward=f"{metrics['reward/total']:.2f}", acc=f"{metrics['reward/accuracy']:.2f}",
+                            kl=f"{metrics['kl']:.4f}")
+            bar.update(1)
+            stop_if_diverged(run, metrics)
+            if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe:
+                evaluate(run, probe, progress=False)
+            last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
+            if cfg.save_every and run.position["global_step"] % cfg.save_every == 0 and not last:
+                save(run)
     if run.main:
         report.plot_curves(run.out / "metrics.jsonl", run.out / "curves.png")
     summary = evaluate(run, probe, name) if probe else None  # before the checkpoint: a kill replays the stage's end
@@ -366,27 +383,30 @@ def score_fn(cfg: rewards.RewardConfig):
 
 # ============================================================================ setting up, logging, exporting
 
-def start_run(cfg: TrainConfig) -> Run:
-    """Everything a run starts from: its folder (and the checkpoint it resumes), the data, the policy (after the
-    cold start, with LoRA adapters), the frozen reference, the curriculum, the optimizer, and, when resuming,
-    every state the checkpoint holds."""
-    distributed.setup()
-    out = Path(cfg.out)
+def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
+    """Everything a run starts from: the checkpoint it resumes, the data, the policy (after the SFT, with LoRA
+    adapters), the frozen reference, the curriculum, the optimizer, and, when resuming, every state the checkpoint
+    holds. Nothing is written into --out until the data and the model have loaded (`folder.begin`)."""
+    out = folder.out
     ckpt, state = open_run_folder(cfg, out)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with distributed.main_first():  # rank 0 fills the cache (synthetic maps, tiny model); the others read it
         train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
+        stages = selected_stages(cfg, train_samples)  # a stage without questions: an error before the model loads
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
     if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
         train_samples = drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens)
+        stages = selected_stages(cfg, train_samples, f" left by --max-prompt-tokens {cfg.max_prompt_tokens}")
+    folder.begin(dataclasses.asdict(cfg), run_folder.launch_facts(
+        policy.device, precision_of(cfg)[0], next(policy.model.parameters()).dtype,
+        state["position"]["global_step"] if state else None))
     if cfg.sft:  # before the reference is copied: GRPO starts from the SFT model and is anchored to it
         run_sft(cfg, policy, train_samples, out)
     if cfg.lora_rank:  # LoRA (scaling/lora.py): only the adapters train; pi_ref is the base, i.e. adapters disabled
         lora.add_lora(policy.model, cfg.lora_rank, cfg.lora_alpha or 2 * cfg.lora_rank,
                       cfg.lora_targets or lora.default_targets(cfg.model), seed=cfg.seed)
-    stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
     earlier = {name: [s for _, part in stages[:k] for s in part] for k, (name, _) in enumerate(stages)}
     # the initial policy, frozen; with LoRA the policy's own model (grpo runs it with the adapters disabled)
     reference = (policy.model if cfg.lora_rank else models.reference_model(policy)) if cfg.kl_coef > 0 else None
@@ -410,6 +430,7 @@ def start_run(cfg: TrainConfig) -> Run:
               curriculum.continuous_batches(stages, cfg.batch_size) if cfg.continuous_batches else {})
     if ckpt is not None:
         restore(run, ckpt, state)
+        run.saved_step = run.position["global_step"]
     if run.main:
         run.reporter = report.open_reporter(cfg.report_to, out, dataclasses.asdict(cfg), out.resolve().name,
                                             resume_step=run.position["global_step"] if ckpt is not None else None)
@@ -467,24 +488,34 @@ def precision_of(cfg: TrainConfig) -> tuple[torch.dtype, bool]:
 
 
 def open_run_folder(cfg: TrainConfig, out: Path) -> tuple[Path | None, dict | None]:
-    """Create --out and write config.json; with --resume return its latest checkpoint and trainer state (checked
-    against this run's settings and process count), else start over there."""
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt = checkpoints.latest_checkpoint(out) if cfg.resume else None
-    if cfg.resume and ckpt is None and not (out / "sft" / sft.STATE).is_file():  # a run killed in its SFT resumes too
-        raise FileNotFoundError(f"--resume: no checkpoint in {out / 'checkpoints'}")
-    state = checkpoints.load_state(ckpt) if ckpt is not None else None
-    if state is not None:
-        checkpoints.check_resume_config(dataclasses.asdict(cfg), state.get("config", {}), ckpt, MAY_CHANGE_ON_RESUME)
-        if state.get("world_size", 1) != distributed.world():
-            raise ValueError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} processes; resume it "
-                             f"with as many (now {distributed.world()})")
-    if distributed.is_main() and not cfg.resume and (out / "metrics.jsonl").exists():
-        print(f"warning: {out} holds an earlier run; starting over (its metrics.jsonl and checkpoints are replaced)")
-        checkpoints.clear(out)
-    if distributed.is_main():
-        (out / "config.json").write_text(cli.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    """With --resume, the checkpoint to continue and its trainer state (checked against its manifest, with an
+    earlier intact one to fall back on: checkpoints.resume_point), checked against this run's settings and process
+    count; (None, None) for a new run, or for a run killed in its SFT (run_sft resumes that). Reads only."""
+    if not cfg.resume:
+        return None, None
+    try:
+        ckpt, state = checkpoints.resume_point(out)
+    except FileNotFoundError:
+        if (out / "sft" / sft.STATE).is_file():
+            return None, None
+        raise
+    checkpoints.check_resume_config(dataclasses.asdict(cfg), state.get("config", {}), ckpt, MAY_CHANGE_ON_RESUME)
+    if state.get("world_size", 1) != distributed.world():
+        raise ValueError(f"--resume: {ckpt} was written by {state.get('world_size', 1)} processes; resume it "
+                         f"with as many (now {distributed.world()})")
     return ckpt, state
+
+
+def selected_stages(cfg: TrainConfig, train_samples: list, left: str = "") -> list[tuple[str, list]]:
+    """The curriculum's stages (curriculum.build_curriculum); a stage the run trains that has no questions in the
+    data (or none `left` by a filter) is an error naming it."""
+    stages = curriculum.build_curriculum(train_samples, cfg.curriculum, cfg.seed)
+    empty = [name for name, part in stages if cfg.stage in ("all", name) and not part]
+    if empty:
+        kinds = ", ".join(sorted(set().union(*(curriculum.stage_qtypes(cfg.curriculum, n) for n in empty))))
+        raise ValueError(f"--data {cfg.data or '(synthetic)'}: no training questions{left} of stage "
+                         f"{', '.join(empty)} ({kinds}); train the other stages with --stage, or add data that has them")
+    return stages
 
 
 def restore(run: Run, ckpt: Path, state: dict) -> None:
@@ -558,6 +589,19 @@ def evaluate(run: Run, probe: list, stage: str = "", progress: bool = True) -> d
 
 def save(run: Run) -> None:
     checkpoints.save_checkpoint(run.out, run.policy, run.optimizer, run.generator, run.position, run.cfg)
+    run.saved_step = run.position["global_step"]
+
+
+def stop(run: Run) -> None:
+    """[safety] After SIGTERM (plumbing/signals.py): a checkpoint of the steps done (unless there is one), every
+    rank leaves the group, and the run exits with status signals.STOPPED, saying how to continue."""
+    if run.saved_step != run.position["global_step"]:
+        save(run)
+    distributed.teardown()
+    if run.main:
+        print(f"stopped by SIGTERM after step {run.position['global_step']}: checkpoint in {run.out / 'checkpoints'}; "
+              f"continue with the same command and --resume", file=sys.stderr, flush=True)
+    raise SystemExit(signals.STOPPED)
 
 
 def export(run: Run) -> None:
@@ -568,11 +612,12 @@ def export(run: Run) -> None:
     report.close(run.reporter)
     out, cfg, dtype = run.out, run.cfg, precision_of(run.cfg)[0]
     # checkpoints keep the training precision; the exported model/ has the compute dtype (LoRA: the adapters)
-    models.save_policy(run.policy, out / "model", dtype=dtype, budgets=budgets(cfg), state_dict=weights)
+    models.save_policy(run.policy, out / "model", dtype=dtype, budgets=budgets(cfg), state_dict=weights,
+                       trained_on=trained_on(cfg))
     if cfg.merge_lora:  # a full model: the base reloaded unquantized on the CPU, the adapters folded into it
         merged = models.load_policy(str(out / "model"), device="cpu", dtype=dtype)
         lora.merge_lora(merged.model)
-        models.save_policy(merged, out / "model-merged", budgets=budgets(cfg))
+        models.save_policy(merged, out / "model-merged", budgets=budgets(cfg), trained_on=trained_on(cfg))
     metrics = out / "metrics.jsonl"
     if metrics.exists() and not (out / "curves.png").exists():  # each stage's end already drew the curves
         report.plot_curves(metrics, out / "curves.png")

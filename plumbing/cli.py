@@ -17,15 +17,15 @@ whose message names it). Anything else is a bug and keeps its traceback."""
 
 
 def run(main, argv: list[str] | None = None):
-    """Call `main(argv)`; a user error prints `error: <message>` to stderr and exits with status 2, unless
-    `--debug` is among the arguments (then the traceback is shown)."""
+    """Call `main(argv)`; a user error prints `error: <message>` (on one line) to stderr and exits with status 2,
+    unless `--debug` is among the arguments (then the traceback is shown)."""
     args = sys.argv[1:] if argv is None else argv
     try:
         return main(argv)
     except USER_ERRORS as e:
         if "--debug" in args:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split("\n")), file=sys.stderr)  # one line, whatever the message
         sys.exit(2)
 
 

@@ -23,6 +23,7 @@ import contextlib
 import functools
 import hashlib
 import os
+import pickle
 
 import torch
 import torch.distributed as dist
@@ -207,14 +208,75 @@ def save_sharded(folder, model: nn.Module, optimizer) -> None:
 
 def load_sharded(folder, model: nn.Module, optimizer) -> None:
     """Read `save_sharded`'s files back into the sharded model and optimizer (same world size)."""
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     _reshard(model)
     weights, moments = get_state_dict(model, optimizer)
     state = {"model": weights, "optimizer": moments}
-    dcp.load(state, checkpoint_id=str(folder))
+    load_checked(state, folder)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+# torch.distributed.checkpoint reads its `.metadata` with pickle.load and its non-tensor items with torch.load(
+# weights_only=False): a checkpoint someone hands you could run code. `load_checked` first reads `.metadata` with an
+# unpickler that builds only what dcp's metadata holds (below), and reads every non-tensor item with weights_only=True.
+_METADATA_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+                     ("pathlib", "WindowsPath"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+                     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        allowed = (module, name) in _METADATA_GLOBALS or module == "torch.distributed.checkpoint.metadata" or (
+            module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.layout, torch.memory_format)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} (a checkpoint's metadata holds dcp's own records only)")
+        return super().find_class(module, name)
+
+
+def load_checked(state: dict, folder) -> None:
+    """`dcp.load(state, folder)` that refuses code: ValueError naming the file when `.metadata` or a non-tensor
+    item would build anything but data."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    refused = []
+
+    class WeightsOnly(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            try:
+                torch.load(value, weights_only=True)  # tensors and plain values only, or an error
+            except pickle.UnpicklingError:
+                refused.append(f"{folder}: item {read_item.dest_index.fqn!r} is not plain data (tensors, numbers, "
+                               "strings, lists, dicts): refused, it could run code")
+                raise
+            value.seek(0)
+            super().load_bytes(read_item, value)
+
+    metadata = os.path.join(str(folder), ".metadata")
+    try:
+        with open(metadata, "rb") as f:
+            _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{metadata}: refused, it would build {e}") from None
+    try:
+        dcp.load(state, checkpoint_id=str(folder), planner=WeightsOnly())
+    except CheckpointException:  # what dcp makes of any rank's error
+        if refused:
+            raise ValueError(refused[0]) from None
+        raise
+
+
+def checkpoint_errors() -> tuple:
+    """What a failed torch.distributed.checkpoint save raises (CheckpointException, a BaseException), under
+    torchrun; () in one process."""
+    if world() == 1:
+        return ()
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (CheckpointException,)
 
 
 def barrier() -> None:

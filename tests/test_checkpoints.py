@@ -69,7 +69,7 @@ def test_checkpoint_reads_back_through_latest(tiny_lm, tmp_path):
     ckpt = checkpoints.latest_checkpoint(tmp_path / "run")
     assert ckpt == written and ckpt.name == "step-000003"
     assert list(ckpt.glob("*.safetensors")) and (ckpt / "config.json").exists()
-    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     assert state["position"] == position and state["config"]["out"] == cfg.out
     assert state["world_size"] == 1 and torch.equal(state["rngs"][0]["generator"], generator.get_state())
     saved, now = state["optimizer"]["state"], optimizer.state_dict()["state"]
@@ -78,8 +78,8 @@ def test_checkpoint_reads_back_through_latest(tiny_lm, tmp_path):
 
 
 def test_resume_loads_the_trainer_state_on_the_cpu(tiny_lm, tmp_path, monkeypatch):
-    """A resume through train.train: trainer_state.pt is read with map_location cpu (weights_only False: it
-    holds RNG states and python objects), and the optimizer gets the saved moments on its parameters' device."""
+    """A resume through train.train: trainer_state.pt is read with map_location cpu and weights_only True (it holds
+    tensors and plain values only), and the optimizer gets the saved moments on its parameters' device."""
     out = tmp_path / "run"
     policy, optimizer = trained(tiny_lm)
     cfg = train.TrainConfig(out=str(out), cache_dir=str(tmp_path / "cache"), kl_coef=0.0)
@@ -90,6 +90,7 @@ def test_resume_loads_the_trainer_state_on_the_cpu(tiny_lm, tmp_path, monkeypatc
     monkeypatch.setattr(train.torch, "load", lambda *a, **k: loads.append((a, k)) or real_load(*a, **k))
     monkeypatch.setattr(train.precision, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
     monkeypatch.setattr(train.data, "load_data", lambda *a: ([], []))
+    monkeypatch.setattr(train, "selected_stages", lambda cfg, samples: train.curriculum.build_curriculum([]))
     monkeypatch.setattr(train.models, "load_model", lambda *a, **k: fresh(tiny_lm))
     monkeypatch.setattr(checkpoints.models, "save_policy", lambda *a, **k: None)
     train.train(train.TrainConfig(**{**vars(cfg), "resume": True}))
@@ -97,7 +98,7 @@ def test_resume_loads_the_trainer_state_on_the_cpu(tiny_lm, tmp_path, monkeypatc
     (args, kwargs), = [(a, k) for a, k in loads if Path(a[0]).name == "trainer_state.pt"]
     assert Path(args[0]).parent.name == "step-000004"
     assert kwargs.get("map_location") in ("cpu", torch.device("cpu")), kwargs
-    assert kwargs.get("weights_only") is False, kwargs
+    assert kwargs.get("weights_only") is True, kwargs
     resumed = made[0]
     params = [p for g in resumed.param_groups for p in g["params"]]
     saved = optimizer.state_dict()["state"]

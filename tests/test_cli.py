@@ -29,12 +29,14 @@ def test_dumps_writes_strict_json():
     (train.main, ["--data", "/nonexistent/reasonmap"], "error: /nonexistent/reasonmap: no such dataset file or folder"),
     (evaluation.main, ["--data", "/nonexistent/reasonmap"], "error: /nonexistent/reasonmap: no such dataset file or folder"),
 ])
-def test_user_errors_are_one_line_and_exit_2(main, argv, message, capsys):
+def test_user_errors_are_one_line_and_exit_2(main, argv, message, capsys, tmp_path):
+    out = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
-        cli.run(main, argv)
+        cli.run(main, argv + ["--out", str(out)])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err == message or (err.startswith(message) and "\n" not in err), err
+    assert not out.exists()  # nothing written
 
 
 def test_bad_dataset_row_names_file_row_and_field(tmp_path, capsys):

@@ -125,3 +125,62 @@ def test_torchrun_training_resumes_after_a_rank_is_killed(tmp_path):
     initial = AutoModelForImageTextToText.from_pretrained(next((tmp_path / "cache").glob("tiny-model/*/"))).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in initial)  # and they were trained
+
+
+# ----------------------------------------------------------------------------- reliability under torchrun
+# (docs/reliability.md; the one-process halves are in test_reliability.py)
+
+def test_torchrun_launch_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
+    """This process holds --out (as a running train.py does): a 2-process torchrun launch on it stops with the
+    error naming this process, and writes nothing there."""
+    from plumbing import run_folder
+
+    out = tmp_path / "run"
+    with run_folder.claim(out, resume=False, overwrite=False):
+        done = torchrun("train.py", *small_args(tmp_path), "--out", str(out), check=False)
+        assert sorted(p.name for p in out.iterdir()) == [run_folder.LOCK]
+    assert done.returncode != 0
+    assert f"error: {out} is in use by train.py (pid {os.getpid()} on " in done.stderr, done.stderr[-3000:]
+
+
+# rank 1 sends SIGTERM to its parent, the torchrun launcher, as its 2nd GRPO step begins, then takes 3 s more over
+# that step: torchrun passes SIGTERM on to both ranks while they are in step 2
+SIGTERM_TORCHRUN = """
+import os, signal, sys, time
+from scaling import distributed
+import train
+real, calls = train.grpo.grpo_step, []
+def step(*a, **kw):
+    calls.append(1)
+    if len(calls) == 2 and distributed.rank() == 1:
+        os.kill(os.getppid(), signal.SIGTERM)
+        time.sleep(3)
+    return real(*a, **kw)
+train.grpo.grpo_step = step
+train.main(sys.argv[1:])
+"""
+
+
+def test_torchrun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint(tmp_path):
+    """SIGTERM to the torchrun launcher (what a scheduler sends): every rank finishes step 2, they write its
+    checkpoint together and exit non-zero saying so; --resume then logs exactly the uninterrupted run's metrics."""
+    args = small_args(tmp_path, "--stage", "judgement", "--max-steps-per-stage", "3", "--save-every", "100",
+                      "--eval-samples", "2")
+    straight = tmp_path / "straight"
+    torchrun("train.py", *args, "--out", str(straight))
+    expected = [comparable(r) for r in rows(straight / "metrics.jsonl")]
+    assert len(expected) == 3
+    launch, = json.loads((straight / "config.json").read_text())["launches"]
+    assert launch["world_size"] == 2 and launch["device"] == "cpu"
+
+    script = tmp_path / "sigterm.py"
+    script.write_text(SIGTERM_TORCHRUN)
+    stopped = tmp_path / "stopped"
+    done = torchrun(str(script), *args, "--out", str(stopped), check=False)
+    assert done.returncode != 0
+    assert f"stopped by SIGTERM after step 2: checkpoint in {stopped / 'checkpoints'}" in done.stderr, \
+        done.stderr[-3000:]
+    assert (stopped / "checkpoints" / "latest").read_text().strip() == "step-000002"
+    assert (stopped / "checkpoints" / "step-000002" / "sharded").is_dir() and len(rows(stopped / "metrics.jsonl")) == 2
+    torchrun("train.py", *args, "--out", str(stopped), "--resume")
+    assert [comparable(r) for r in rows(stopped / "metrics.jsonl")] == expected

@@ -149,7 +149,8 @@ def _flat(batches):
 def test_one_pass_stage_uses_every_prompt_once(world, tiny_lm, tmp_path, monkeypatch):  # noqa: F811
     """The recorder draws a quarter batch more each step: the steps together read the stage's one pass in order,
     each prompt once, and the stage ends when it is used up (fewer steps than batches)."""
-    base = ["--out", str(tmp_path / "run"), "--stage", "judgement", "--batch-size", "5", "--sft", "0", "--replay", "0"]
+    base = ["--out", str(tmp_path / "run"), "--overwrite", "--stage", "judgement", "--batch-size", "5", "--sft", "0",
+            "--replay", "0"]  # --overwrite: each record() is a new run in the same folder
     plain = record(train.parse_args(base), world, tiny_lm, monkeypatch)["batches"]
     dynamic = record(train.parse_args(base + ["--dynamic-sampling"]), world, tiny_lm, monkeypatch)["batches"]
     assert _flat(dynamic) == _flat(plain) and len(dynamic) < len(plain)  # 16 prompts: 5+1, 5+1, 4 vs 5, 5, 5, 1
@@ -157,7 +158,8 @@ def test_one_pass_stage_uses_every_prompt_once(world, tiny_lm, tmp_path, monkeyp
 
 
 def test_capped_stage_takes_further_passes(world, tiny_lm, tmp_path, monkeypatch):  # noqa: F811
-    base = ["--out", str(tmp_path / "run"), "--stage", "judgement", "--batch-size", "4", "--sft", "0", "--replay", "0"]
+    base = ["--out", str(tmp_path / "run"), "--overwrite", "--stage", "judgement", "--batch-size", "4", "--sft", "0",
+            "--replay", "0"]
     plain = record(train.parse_args(base + ["--max-steps-per-stage", "40"]), world, tiny_lm, monkeypatch)["batches"]
     got = record(train.parse_args(base + ["--max-steps-per-stage", "30", "--dynamic-sampling"]), world, tiny_lm,
                  monkeypatch)
@@ -201,7 +203,7 @@ def test_resume_draws_what_the_uninterrupted_run_drew(tmp_path, monkeypatch):
     monkeypatch.setattr(train.grpo, "grpo_step", recording(cut, die_at=2))
     with pytest.raises(KeyboardInterrupt):
         train.main(args + ["--out", str(tmp_path / "cut")])
-    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=False)
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-000002" / "trainer_state.pt", weights_only=True)
     assert state["position"]["prompts_in_stage"] == len(_flat(straight[:2]))
     resumed = []
     monkeypatch.setattr(train.grpo, "grpo_step", recording(resumed))

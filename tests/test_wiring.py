@@ -6,6 +6,7 @@ train.train runs for real with its heavy parts replaced by recorders (no decodin
 models), so a whole run takes milliseconds and the table can cover every field."""
 import dataclasses
 import random
+import shutil
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ ELSEWHERE = {
     "max_nonfinite": "tests/test_train.py::test_nonfinite_run_is_reported_and_stopped (stops after exactly N)",
     "debug": "tests/test_cli.py::test_debug_shows_the_traceback",
     "keep_checkpoints": "tests/test_checkpoints.py::test_keep_checkpoints_keeps_the_newest_n (the newest N stay)",
+    "overwrite": "tests/test_reliability.py::test_an_earlier_run_is_kept_unless_overwrite_is_given (what it deletes)",
 }
 
 # one changed value per flag (argv), and the components that must then receive something else
@@ -50,7 +52,7 @@ CHANGES = {
     "sft_lora_rank": (["--sft-lora-rank", "2"], {"sft"}, ["--sft", "3"]),
     "sft_batch_size": (["--sft-batch-size", "3"], {"sft"}, ["--sft", "3"]),
     "sft_data": (["--sft-data", "released"], {"sft"}, ["--sft", "3"]),
-    "max_prompt_tokens": (["--max-prompt-tokens", "150"], {"batches"}),
+    "max_prompt_tokens": (["--max-prompt-tokens", "600"], {"batches"}),  # drops some prompts of every stage
     "decode_chunk": (["--decode-chunk", "2"], GRPO), "replay": (["--replay", "0.5"], {"batches"}),
     "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
     "max_pixels": (["--max-pixels", "50000"], {"load_model"}), "dtype": (["--dtype", "bfloat16"], {"load_model"}),
@@ -142,7 +144,9 @@ def test_every_flag_reaches_its_component(field, world, tiny_lm, tmp_path, monke
         base = base[:2] + base[4:]
     assert train.parse_args(base + argv) != train.parse_args(base)
     default = record(train.parse_args(base), world, tiny_lm, monkeypatch)
+    shutil.rmtree(tmp_path / "run")  # the second run is another run, not a --resume or --overwrite of the first
     changed = record(train.parse_args(base + argv), world, tiny_lm, monkeypatch)
+    assert "error" not in default and ("error" not in changed or "error" in components), changed.get("error")
     for key in components:
         assert changed.get(key) != default.get(key), f"--{field.replace('_', '-')} did not reach {key}"
 

@@ -18,7 +18,7 @@ Rows (name: the train.py flags that make it; `--rows` takes the short names):
 Every (row, seed) is one `train.main([...])` in this process, into `--out/<row>/seed-<s>/`, then its final
 model is evaluated once more; the numbers of a finished run go to `result.json` there, and a later call skips
 runs that have one (so an ablation can be stopped and continued; a run cut short resumes from its latest
-checkpoint). `--seed` seeds everything in train.py, the synthetic world included: each seed is another world
+checkpoint, or starts over with --overwrite if it had none). `--seed` seeds everything in train.py, the synthetic world included: each seed is another world
 (generated once into `--cache-dir`), another initial model and other samples; the rows of one seed share them.
 
 Equal training for every row: `--max-steps-per-stage S` caps each stage of the three-stage (fine) curriculum
@@ -166,6 +166,8 @@ def run_one(row: str, seed: int, argv: list[str], folder: Path, cache_dir: str) 
     full = argv + ["--out", str(folder), "--cache-dir", cache_dir]
     if checkpoints.latest_checkpoint(folder) is not None:
         full.append("--resume")  # train.py refuses if the checkpoint's run had other settings
+    elif folder.exists():
+        full.append("--overwrite")  # a run cut short before its first checkpoint: nothing to continue
     print(f"[{row} seed {seed}] python train.py {shlex.join(full)}", flush=True)
     t0 = time.time()
     cfg = train.parse_args(full)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import json
 import re
@@ -86,6 +87,19 @@ def _resolve(rel: str, roots: list[Path]) -> Path | None:
     return None
 
 
+@functools.lru_cache(maxsize=4096)
+def _image_file(path: str) -> str:
+    """`path`, once Pillow has recognised the file as an image (its header only; each file once)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.format  # noqa: B018 (read from the header)
+    except (UnidentifiedImageError, OSError) as e:
+        raise RowError("figure", f"{path} is not an image file Pillow can read ({type(e).__name__})") from None
+    return path
+
+
 def _cache_image(raw: bytes, cache_dir: Path) -> str:
     """Write decoded image bytes to `cache_dir/<sha1>.<ext>` (once) and return the path."""
     ext = next((e for magic, e in _IMAGE_MAGIC.items() if raw.startswith(magic)), None)
@@ -124,7 +138,7 @@ def _figure(value, roots: list[Path], cache_dir: Path) -> str | None:
     elif len(text) < 1024:  # short text is a path
         found = _resolve(text, roots)
         if found is not None:
-            return str(found)
+            return _image_file(str(found))
         if re.search(r"[/\\.]", text):
             raise RowError("figure", f"image file {text!r} not found (looked in {', '.join(map(str, roots))})")
     try:
