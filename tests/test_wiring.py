@@ -47,7 +47,7 @@ CHANGES = {
     "temperature": (["--temperature", "0.7"], GRPO), "top_p": (["--top-p", "0.9"], GRPO),
     "max_grad_norm": (["--max-grad-norm", "0.5"], GRPO), "entropy_coef": (["--entropy-coef", "0.001"], GRPO),
     "kl_clamp": (["--kl-clamp", "10"], GRPO), "drop_last": (["--drop-last"], {"batches"}),
-    "decode_chunk": (["--decode-chunk", "2"], GRPO), "replay": (["--replay", "0.5"], {"batches"}),
+    "decode_chunk": (["--decode-chunk", "2"], GRPO), "compile_decode": (["--compile-decode", "off"], GRPO), "replay": (["--replay", "0.5"], {"batches"}),
     "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
     "max_pixels": (["--max-pixels", "50000"], {"load_model"}), "dtype": (["--dtype", "bfloat16"], {"load_model"}),
     "bf16_update": (["--bf16-update", "stochastic"], {"load_model"}),
