@@ -6,6 +6,8 @@
     python -m tools.bench --workload qwen2.5-vl-7b-shape   # CUDA: real architecture, random bf16 weights
     python -m tools.bench --workload qwen2.5-vl-7b-shape --count-params   # any machine: meta device, no memory
     python -m tools.bench --bf16-check                     # do bf16 updates at lr 1e-6 survive? (precision.py)
+    python -m tools.bench --decode                         # the rollout's decode vs generate (tools/decode_bench.py)
+    python -m tools.bench --gpu-check [--dry-run]          # the whole CUDA path in 8 minutes (tools/gpu_check.py)
 
 Prints one table and one JSON line: seconds per step split into rollout / scoring / log-probs (reference
 pass) / update, completion tokens per second, peak memory (process RSS on CPU, max_memory_allocated on
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import resource
@@ -125,7 +128,7 @@ def shape_policy(arch: str, device: torch.device, dtype: torch.dtype = torch.bfl
     import model as M
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tok = tiny_model.build_tokenizer(tiny_model.builtin_corpus())
+    tok = shape_tokenizer()
     torch.manual_seed(seed)
     attn = M.default_attn_implementation(torch.device(device), dtype)
     cfg = shape_config(arch, tok, vision, **text)
@@ -134,6 +137,12 @@ def shape_policy(arch: str, device: torch.device, dtype: torch.dtype = torch.bfl
         model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
     proc = tiny_model.make_image_processor(14, 2, max_pixels, 56 * 56)
     return M._make_policy(model, tok, proc, device, max_pixels, 56 * 56)
+
+
+@functools.lru_cache(maxsize=1)
+def shape_tokenizer():
+    """The project's small tokenizer (offline/tiny_model.py) for the shape models: trained once per process."""
+    return tiny_model.build_tokenizer(tiny_model.builtin_corpus())
 
 
 def force_full_length(policy):
@@ -387,8 +396,16 @@ def main(argv=None) -> dict:
                     "and host syncs per token, tiny VLM and 2 layers at Qwen2.5-VL-3B's widths (tools/decode_bench.py)")
     ap.add_argument("--compile-decode", default="off", help="with --decode: how the one-token step runs "
                     "(speed.decode.COMPILE_MODES; default off: eager)")
+    ap.add_argument("--gpu-check", action="store_true", help="check the whole CUDA path on one GPU in under 8 minutes "
+                    "(tools/gpu_check.py: random-init 3B / 7B shapes); writes --out, prints a table")
+    ap.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same checks on the CPU, tiny shapes")
+    ap.add_argument("--out", default="gpu_check.json", help="with --gpu-check: the JSON file to write")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    if args.gpu_check:
+        from tools import gpu_check
+
+        return gpu_check.run_checks(dry=args.dry_run, out=args.out, cache_dir=args.cache_dir)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.decode:

@@ -102,15 +102,17 @@ def count_syncs(fn) -> HostSyncs:
     return counted
 
 
-def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: int = 3, compile: str = "off") -> dict:
-    """The figures of the module docstring for one policy and prompts."""
+def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: int = 3, compile: str = "off",
+            baseline: dict | None = None) -> dict:
+    """The figures of the module docstring for one policy and prompts; `baseline`: an earlier `measure` of the same
+    policy and prompts whose generate and host-sync figures are reused (not measured again)."""
     import model as M
     from speed import decode
 
     dev, B = policy.device, len(samples)
 
-    def ours(tokens=new_tokens):
-        return decode.sample_groups(policy, samples, group_size, tokens, compile=compile, check_every=decode.CHECK_EVERY,
+    def ours(tokens=new_tokens, mode=compile):
+        return decode.sample_groups(policy, samples, group_size, tokens, compile=mode, check_every=decode.CHECK_EVERY,
                                     generator=torch.Generator(device=dev).manual_seed(0))
 
     enc = M.encode_prompts(policy, samples)
@@ -125,20 +127,26 @@ def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: i
 
     rollout = ours()  # warm-up (and compile)
     assert rollout.response_mask.sum(1).eq(new_tokens).all(), "end-of-turn must be suppressed: full-length responses"
+    tokens = B * group_size * new_tokens
+    ours_s = statistics.median(_timed(ours, steps, dev))
+    if baseline is not None:
+        kept = {k: v for k, v in baseline.items() if "syncs" in k or k.startswith("generate_") or k in ("rows", "new_tokens", "prompt_tokens")}
+        return {**kept, "tokens_per_s": tokens / ours_s, "speedup_vs_generate": baseline["generate_s"] / ours_s}
     generate()
     half = new_tokens // 2
     syncs = {}
-    for name, fn in (("", ours), ("generate_", generate)):
+    # counted with the step eager: the compiled step (fullgraph) has no sync to count, and a counting mode around a
+    # compiled function would make dynamo trace it anew
+    for name, fn in (("", lambda tokens=new_tokens: ours(tokens, "off")), ("generate_", generate)):
         full, part = count_syncs(fn), count_syncs(lambda: fn(half))
         per_token = (full.count - part.count) / (new_tokens - half)
         syncs.update({f"{name}host_syncs_per_token": per_token, f"{name}host_syncs_per_rollout": full.count - per_token * new_tokens})
         if not name:
             syncs["host_syncs"] = full.where
-    ours_s, gen_s = statistics.median(_timed(ours, steps, dev)), statistics.median(_timed(generate, steps, dev))
-    tokens = B * group_size * new_tokens
+    gen_s = statistics.median(_timed(generate, steps, dev))
     return {"rows": B * group_size, "new_tokens": new_tokens, "prompt_tokens": int(enc["attention_mask"].sum(1).max()),
             "tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / gen_s, "speedup_vs_generate": gen_s / ours_s,
-            **syncs}
+            "generate_s": gen_s, **syncs}
 
 
 def run(cache_dir: str = ".cache", steps: int = 3, compile: str = "off", device: str | None = None,
