@@ -125,3 +125,13 @@ def test_torchrun_training_resumes_after_a_rank_is_killed(tmp_path):
     initial = AutoModelForImageTextToText.from_pretrained(next((tmp_path / "cache").glob("tiny-model/*/"))).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], initial[k]) for k in initial)  # and they were trained
+
+
+def test_a_sharded_rollout_gathers_each_layer_once(tmp_path, tiny_cache):
+    """tests/distributed_rollout.py: sample_groups on a model sharded over 2 ranks all-gathers each FSDP unit once
+    for the whole rollout (distributed.gathered), not once per token; the same responses; sharded again after."""
+    torchrun("tests/distributed_rollout.py", str(tmp_path / "r"), str(tiny_cache))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["units"] >= 2 and r["same_texts"] and r["resharded"]
+    assert r["gathered"] <= r["units"] + 1  # each decoder layer once, and the root
+    assert r["per_token"] >= r["units"] * r["tokens"]  # what FSDP did before: every layer for every token
