@@ -81,7 +81,7 @@ class GRPOConfig:
     decode_chunk: int = 0
     """prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory, in even chunks; all on CPU)"""
     compile_decode: str = field(default="auto", metadata={"choices": COMPILE_MODES})
-    """the rollout's one-token decode step: auto (torch.compile with CUDA graphs on one GPU without a 4-bit base; eager otherwise) | off (eager) | a torch.compile backend on any device: eager, aot_eager, inductor"""
+    """the rollout's one-token decode step: auto (inductor on one GPU without a 4-bit base; eager otherwise) | off (eager) | inductor | cudagraphs (inductor + CUDA graphs, recorded again each rollout) | eager, aot_eager (dynamo's checking backends)"""
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:

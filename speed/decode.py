@@ -9,9 +9,9 @@ their tokens, log-probs and entropies at sampling time. How each chunk of prompt
   repeated G-fold into a preallocated cache (`expanded_static_cache`), and the G x chunk rows decode one token per
   step (`one_token`), attending to the cache. What keeps a GPU busy there:
   * the step has fixed shapes and no host sync: it attends through a 4-D mask to a window of the cache (its first
-    positions, rounded up to `WINDOW`: never the whole preallocated budget), so `torch.compile` can capture it
-    (CUDA graphs: one launch per token instead of ~1,300); "are all rows done?" is asked every `CHECK_EVERY` tokens
-    on CUDA;
+    positions, rounded up to `WINDOW`: never the whole preallocated budget), so `torch.compile` captures it whole
+    (`decode_step`: fused kernels, or CUDA graphs, one launch per token instead of ~1,300); "are all rows done?" is
+    asked every `CHECK_EVERY` tokens on CUDA;
   * it runs PyTorch's SDPA even when the model's full-sequence passes use flash-attention 2 (`sdpa_decode`: flash-
     attn's padded path syncs with the host in every layer of every token);
   * the cache holds keys and values in the compute dtype (bf16 under float32 master weights, not float32 keys).
@@ -37,9 +37,12 @@ graph each) and, early in a long response, far fewer key/value reads than the wh
 CHECK_EVERY = 16
 """Token steps between two "are all rows done?" checks on CUDA, where each is a host sync that drains the GPU's
 queue (on a CPU, which has no queue to drain, every step: the loop stops as soon as the last row ends)."""
-COMPILE_MODES = ("auto", "off", "eager", "aot_eager", "inductor")
-"""`compile` of `sample_groups` (`--compile-decode`): auto (CUDA, one process, no 4-bit base: inductor with CUDA
-graphs; otherwise eager) | off | a torch.compile backend, forced on any device (tests, benchmarks)."""
+COMPILE_MODES = ("auto", "off", "inductor", "cudagraphs", "eager", "aot_eager")
+"""`compile` of `sample_groups` (`--compile-decode`): auto (inductor on CUDA in one process without a 4-bit base;
+otherwise off) | off (eager) | inductor (fused kernels) | cudagraphs (inductor, and the step replayed as CUDA graphs:
+one launch per token; each rollout's new cache means new graphs, recorded again every rollout and kept by
+PyTorch's graph trees: not the default until a long GPU run shows what that costs) | eager, aot_eager (dynamo's
+checking backends: the step captured whole, no code generated; tests)."""
 
 
 @dataclass
@@ -217,10 +220,9 @@ _COMPILED: dict = {}
 
 
 def decode_step(policy: Policy, compile: str = "auto"):
-    """The one-token step `decode` runs: `one_token` as it is, or under torch.compile (`COMPILE_MODES`). "auto"
-    compiles on CUDA in one process without a 4-bit base, with CUDA graphs (mode "reduce-overhead"): the step's
-    ~1,300 kernel launches of a 28-layer model become one graph launch. Compiled once per backend and reused
-    (dynamo recompiles for a new window or row count once, then treats those sizes as dynamic)."""
+    """The one-token step `decode` runs: `one_token` as it is, or under torch.compile (`COMPILE_MODES`; fullgraph:
+    a host sync inside would break the graph, and fails instead). Compiled once per mode and reused: dynamo
+    compiles again when the window, the row count or the cache size first changes, then treats them as dynamic."""
     if compile not in COMPILE_MODES:
         raise ValueError(f"--compile-decode must be one of {', '.join(COMPILE_MODES)}, got {compile!r}")
     if compile == "auto":
@@ -229,12 +231,12 @@ def decode_step(policy: Policy, compile: str = "auto"):
     if compile == "off":
         return one_token
     if compile not in _COMPILED:
-        cuda_graphs = compile == "inductor" and policy.device.type == "cuda"
-        compiled = torch.compile(one_token, backend=compile, fullgraph=True,
-                                 mode="reduce-overhead" if cuda_graphs else None)
+        graphs = compile == "cudagraphs" and policy.device.type == "cuda"
+        compiled = torch.compile(one_token, backend="inductor" if compile == "cudagraphs" else compile, fullgraph=True,
+                                 mode="reduce-overhead" if graphs else None)
 
         def step(*args):
-            if cuda_graphs:
+            if graphs:
                 torch.compiler.cudagraph_mark_step_begin()  # the previous step's logits are consumed
             return compiled(*args)
 
