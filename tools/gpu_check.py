@@ -84,6 +84,15 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def fresh_compiles() -> None:
+    """Forget the compiled decode steps: each model, and each compile mode, gets its own compiles (dynamo counts
+    recompiles of one function against a limit of 8, then runs it uncompiled)."""
+    from speed import decode
+
+    torch._dynamo.reset()
+    decode._COMPILED.clear()
+
+
 def peak_gib(run: Run) -> float | None:
     return torch.cuda.max_memory_allocated(run.device) / 2**30 if run.device.type == "cuda" else None
 
@@ -125,6 +134,7 @@ def decode_exact(run: Run) -> dict:
                                               temperature, generator=torch.Generator(run.device).manual_seed(0), **k)
         plain = go(plain=True)
         for mode in ("off", *run.compiles):
+            fresh_compiles()
             fast = go(compile=mode)
             same = (fast.response_ids == plain.response_ids).cumprod(1).bool() & plain.response_mask.bool()
             key = f"{'greedy' if temperature == 0 else 'sampled'}_{mode}"
@@ -144,6 +154,7 @@ def decode_speed(run: Run) -> dict:
     tokens = 32 if run.dry else run.new_tokens
     out = {"ok": True}
     for mode in ("off", *run.compiles):  # generate and the sync counts measured once, with the eager step
+        fresh_compiles()
         t0 = time.perf_counter()
         out[mode] = decode_bench.measure(policy, samples, new_tokens=tokens, steps=1 if run.dry else 2, compile=mode,
                                          baseline=out.get("off"))
@@ -169,13 +180,16 @@ def cuda_syncs_per_token(policy, samples, tokens: int) -> float:
     difference, as decode_bench counts HostSyncs."""
     from speed import decode
 
+    fresh_compiles()
+    go = lambda n: decode.sample_groups(policy, samples, 8, n, generator=torch.Generator(policy.device).manual_seed(0))  # noqa: E731
+    go(tokens)  # compiles (the default mode) before anything is counted
     counts = []
     for n in (tokens, tokens // 2):
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                decode.sample_groups(policy, samples, 8, n, generator=torch.Generator(policy.device).manual_seed(0))
+                go(n)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in seen))
@@ -337,6 +351,7 @@ def run_checks(dry: bool = False, out: str = "gpu_check.json", cache_dir: str = 
         except Exception as e:  # noqa: BLE001  (a failing check is a result; the others still run)
             results[name] = {"ok": False, "error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         results[name]["seconds"] = time.perf_counter() - t0
+        fresh_compiles()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
