@@ -8,7 +8,8 @@ so that both sides decode exactly that many tokens per row, temperature 1, the s
 - `tokens_per_s`: response tokens per second of `speed.decode.sample_groups`, as a GRPO step calls it (the
   prompts encoded, their images cached; prefill; decode; texts);
 - `generate_tokens_per_s`: `model.generate(do_sample=True, num_return_sequences=G)` on the same encoded prompts;
-- `speedup_vs_generate`: their ratio (goal: >= 2);
+- `speedup_vs_generate`: the median of their ratio over calls timed in turns (ours, generate, ours, ...: on a
+  shared machine a change of load hits both sides alike) (goal: >= 2);
 - `host_syncs_per_token`: host syncs (`HostSyncs`) per token step: those of one `sample_groups` call at the full
   token budget less those at half of it, over the difference (goal: <= 1/16: the decode loop asks "all rows
   done?" once every 16 tokens, as on CUDA, also when this runs on a CPU, and syncs nowhere else); `host_syncs_per_rollout`: the rest, once per call
@@ -83,17 +84,14 @@ def make_policies(device: torch.device, cache_dir: Path, which=tuple(MODELS)) ->
     return out
 
 
-def _timed(fn, steps: int, device: torch.device) -> list[float]:
-    times = []
-    for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return times
+def _seconds(fn, device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t0
 
 
 def count_syncs(fn) -> HostSyncs:
@@ -128,8 +126,8 @@ def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: i
     rollout = ours()  # warm-up (and compile)
     assert rollout.response_mask.sum(1).eq(new_tokens).all(), "end-of-turn must be suppressed: full-length responses"
     tokens = B * group_size * new_tokens
-    ours_s = statistics.median(_timed(ours, steps, dev))
     if baseline is not None:
+        ours_s = statistics.median(_seconds(ours, dev) for _ in range(steps))
         kept = {k: v for k, v in baseline.items() if "syncs" in k or k.startswith("generate_") or k in ("rows", "new_tokens", "prompt_tokens")}
         return {**kept, "tokens_per_s": tokens / ours_s, "speedup_vs_generate": baseline["generate_s"] / ours_s}
     generate()
@@ -143,10 +141,11 @@ def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: i
         syncs.update({f"{name}host_syncs_per_token": per_token, f"{name}host_syncs_per_rollout": full.count - per_token * new_tokens})
         if not name:
             syncs["host_syncs"] = full.where
-    gen_s = statistics.median(_timed(generate, steps, dev))
+    pairs = [(_seconds(ours, dev), _seconds(generate, dev)) for _ in range(steps)]  # in turns
+    ours_s, gen_s = (statistics.median(p[i] for p in pairs) for i in (0, 1))
     return {"rows": B * group_size, "new_tokens": new_tokens, "prompt_tokens": int(enc["attention_mask"].sum(1).max()),
-            "tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / gen_s, "speedup_vs_generate": gen_s / ours_s,
-            "generate_s": gen_s, **syncs}
+            "tokens_per_s": tokens / ours_s, "generate_tokens_per_s": tokens / gen_s,
+            "speedup_vs_generate": statistics.median(g / o for o, g in pairs), "generate_s": gen_s, **syncs}
 
 
 def run(cache_dir: str = ".cache", steps: int = 3, compile: str = "off", device: str | None = None,
