@@ -242,27 +242,6 @@ def metro_as_text(metro: dict[str, list[str]]) -> str:
     return "\n".join(f"{line}: {', '.join(stations)}" for line, stations in metro.items())
 
 
-def image_inputs(policy: Policy, path: str) -> tuple[Tensor, Tensor]:
-    """(pixel_values [patches, 3 x 2 x 14 x 14], image_grid_thw [1, 3]) of the image file at `path` under the
-    policy's image budget, on the CPU. [speed] Decoded, resized and normalised once per run: ReasonMap has ~30
-    maps, asked for at every step that uses them (1.9 s for one 32 MP map on a busy 2-core CPU, serial with the
-    GPU). Kept in `policy.images`, keyed by the file (path, size, modification time) and the budget, up to
-    `IMAGE_CACHE_BYTES` (least recently used out first: maps at full resolution are ~0.75 GB each)."""
-    from PIL import Image
-
-    proc, stat = policy.image_processor, os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, proc.size["longest_edge"], proc.size["shortest_edge"])
-    if key in policy.images:
-        policy.images.move_to_end(key)
-        return policy.images[key]
-    with Image.open(path) as image:
-        vis = proc(images=[image.convert("RGB")], return_tensors="pt")
-    policy.images[key] = entry = (vis["pixel_values"], vis["image_grid_thw"])
-    while len(policy.images) > 1 and sum(v[0].nbytes for v in policy.images.values()) > IMAGE_CACHE_BYTES:
-        policy.images.popitem(last=False)
-    return entry
-
-
 def encode_prompts(policy: Policy, samples) -> dict:
     """Chat-template the samples' questions (with their images) into left-padded prompt tensors.
 
@@ -274,19 +253,23 @@ def encode_prompts(policy: Policy, samples) -> dict:
     tok, images, texts = policy.tokenizer, [], []
     for s in samples:
         if policy.is_vlm and s.image:
-            images.append(image_inputs(policy, s.image))
-            merged = int(images[-1][1].prod()) // policy.image_processor.merge_size ** 2
+            images.append(image_inputs(policy, s.image))  # [speed] preprocessed once per run
             content = [{"type": "image"}, {"type": "text", "text": s.question}]
         else:
             content = f"{metro_as_text(s.metro)}\n\n{s.question}" if s.metro else s.question
-        text = tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True)
-        if policy.is_vlm and s.image:  # the single <|image_pad|> becomes one token per merged patch
-            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * merged, 1)
-        texts.append(text)
+        texts.append(tok.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
+                                             add_generation_prompt=True))
     out = {}
     if images:
-        out["pixel_values"] = torch.cat([pv for pv, _ in images]).to(policy.device, policy.model.dtype)
-        out["image_grid_thw"] = torch.cat([grid for _, grid in images]).to(policy.device)
+        vis = {"pixel_values": torch.cat([pv for pv, _ in images]), "image_grid_thw": torch.cat([g for _, g in images])}
+        merge = policy.image_processor.merge_size ** 2
+        k = 0
+        for i, s in enumerate(samples):  # expand the single <|image_pad|> into one token per merged patch
+            if policy.is_vlm and s.image:
+                texts[i] = texts[i].replace(IMAGE_TOKEN, IMAGE_TOKEN * int(vis["image_grid_thw"][k].prod() // merge), 1)
+                k += 1
+        out["pixel_values"] = vis["pixel_values"].to(policy.device, policy.model.dtype)
+        out["image_grid_thw"] = vis["image_grid_thw"].to(policy.device)
         has = torch.tensor([bool(policy.is_vlm and s.image) for s in samples])
         out["image_index"] = torch.where(has, has.long().cumsum(0) - 1, -1).to(policy.device)
     enc = tok(texts, add_special_tokens=False, padding=True, return_tensors="pt")
@@ -331,6 +314,28 @@ def join_prompt_response(prompts: dict, prompt_index: Tensor, response_ids: Tens
         batch.update(pixel_values=torch.cat([pv[starts[i]:starts[i] + sizes[i]] for i in uniq.tolist()]),
                      image_grid_thw=grid[uniq], row_image=torch.full_like(used, -1).masked_scatter(has, inv))
     return batch
+
+
+def image_inputs(policy: Policy, path: str) -> tuple[Tensor, Tensor]:
+    """(pixel_values [patches, 3 x 2 x 14 x 14], image_grid_thw [1, 3]) of the image file at `path` under the
+    policy's image budget, on the CPU. [speed] Decoded, resized and normalised once per run: ReasonMap has ~30
+    maps, asked for at every step that uses them (1.9 s for one 32 MP map on a busy 2-core CPU, serial with the
+    GPU). Kept in `policy.images`, keyed by the file (path, size, modification time) and the budget, up to
+    `IMAGE_CACHE_BYTES` (least recently used out first: maps at full resolution are ~0.75 GB each)."""
+    from PIL import Image
+
+    proc, stat = policy.image_processor, os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, proc.size["longest_edge"], proc.size["shortest_edge"])
+    if key in policy.images:
+        policy.images.move_to_end(key)
+        return policy.images[key]
+    with Image.open(path) as image:
+        vis = proc(images=[image.convert("RGB")], return_tensors="pt")
+    policy.images[key] = entry = (vis["pixel_values"], vis["image_grid_thw"])
+    while len(policy.images) > 1 and sum(v[0].nbytes for v in policy.images.values()) > IMAGE_CACHE_BYTES:
+        policy.images.popitem(last=False)
+    return entry
+
 
 # ----------------------------------------------------------------------------- forward passes
 
