@@ -32,8 +32,9 @@ TINY_MAX_NEW_TOKENS = 4
 TINY_PLANNING_MAX_NEW_TOKENS = 48
 PAPER_MAX_NEW_TOKENS = 2048  # the paper's response budget, for every question type, for any real model
 BUDGETS_FILE = "rewardmap.json"  # written beside a saved policy: the token budgets it was trained with
-IMAGE_CACHE_BYTES = 2 << 30
-"""Host memory the preprocessed map images of a run may hold (`image_inputs`); the least recently used go first."""
+IMAGE_CACHE_BYTES = 8 << 30
+"""Host memory the preprocessed map images of a run may hold (`image_inputs`); the least recently used go first.
+ReasonMap's 30 maps at a checkpoint's default budget of 12.8 M pixels: ~154 MB each in bf16, 4.6 GB in all."""
 
 
 @dataclass
@@ -317,11 +318,11 @@ def join_prompt_response(prompts: dict, prompt_index: Tensor, response_ids: Tens
 
 
 def image_inputs(policy: Policy, path: str) -> tuple[Tensor, Tensor]:
-    """(pixel_values [patches, 3 x 2 x 14 x 14], image_grid_thw [1, 3]) of the image file at `path` under the
-    policy's image budget, on the CPU. [speed] Decoded, resized and normalised once per run: ReasonMap has ~30
-    maps, asked for at every step that uses them (1.9 s for one 32 MP map on a busy 2-core CPU, serial with the
-    GPU). Kept in `policy.images`, keyed by the file (path, size, modification time) and the budget, up to
-    `IMAGE_CACHE_BYTES` (least recently used out first: maps at full resolution are ~0.75 GB each)."""
+    """(pixel_values [patches, 3 x 2 x 14 x 14] in the model's dtype, image_grid_thw [1, 3]) of the image file at
+    `path` under the policy's image budget, on the CPU. [speed] Decoded, resized and normalised once per run:
+    ReasonMap has ~30 maps, asked for at every step that uses them (1.9 s for one 32 MP map on a busy 2-core CPU,
+    serial with the GPU). Kept in `policy.images`, keyed by the file (path, size, modification time) and the
+    budget, up to `IMAGE_CACHE_BYTES` (least recently used out first: at full resolution a map is ~0.4-0.8 GB)."""
     from PIL import Image
 
     proc, stat = policy.image_processor, os.stat(path)
@@ -331,7 +332,7 @@ def image_inputs(policy: Policy, path: str) -> tuple[Tensor, Tensor]:
         return policy.images[key]
     with Image.open(path) as image:
         vis = proc(images=[image.convert("RGB")], return_tensors="pt")
-    policy.images[key] = entry = (vis["pixel_values"], vis["image_grid_thw"])
+    policy.images[key] = entry = (vis["pixel_values"].to(policy.model.dtype), vis["image_grid_thw"])
     while len(policy.images) > 1 and sum(v[0].nbytes for v in policy.images.values()) > IMAGE_CACHE_BYTES:
         policy.images.popitem(last=False)
     return entry
