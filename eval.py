@@ -376,7 +376,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "(0: what the model folder was trained with; the tiny model 48; any other model 2048)")
     ap.add_argument("--long", action="store_true", help="planning questions in the long form (via stops)")
     ap.add_argument("--max-pixels", type=int, default=0, help="image budget in pixels (0: the model folder's own, i.e. "
-                    "what it was trained with; a base checkpoint's is 12.8 M: pass train.py's, e.g. 1003520 for --preset paper)")
+                    "what it was trained with; for a base checkpoint pass the budget its trained runs used, train.py's --max-pixels)")
     ap.add_argument("--dtype", default="", help="compute dtype: float32 | bfloat16 (empty: bfloat16 on CUDA, float32 on CPU)")
     ap.add_argument("--qlora", action="store_true", help="load the base in 4-bit NF4 (a 24 GB card; bitsandbytes, CUDA only)")
     ap.add_argument("--out", default="", help="folder for eval.json and eval.html (default: the model folder, or runs/eval)")
