@@ -409,6 +409,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--planning-max-new-tokens", type=int, default=0, help="response token budget, planning "
                     "(0: what the model folder was trained with; the tiny model 48; any other model 2048)")
     ap.add_argument("--long", action="store_true", help="planning questions in the long form (via stops)")
+    ap.add_argument("--max-pixels", type=int, default=0, help="image budget in pixels (0: the model folder's own, i.e. "
+                    "what it was trained with; for a base checkpoint pass the budget its trained runs used, train.py's --max-pixels)")
+    ap.add_argument("--dtype", default="", help="compute dtype: float32 | bfloat16 (empty: bfloat16 on CUDA, float32 on CPU)")
+    ap.add_argument("--qlora", action="store_true", help="load the base in 4-bit NF4 (a 24 GB card; bitsandbytes, CUDA only)")
     ap.add_argument("--out", default="", help="folder for eval.json and eval.html (default: the model folder, or runs/eval)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
@@ -417,7 +421,8 @@ def main(argv: list[str] | None = None) -> dict:
     if a.limit and a.limit < len(samples):
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
-    policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir)
+    policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir, max_pixels=a.max_pixels,
+                               dtype=models.compute_dtype(a.dtype), qlora=a.qlora)
     warn_if_other_data(a.model, a.data, a.cities, a.seed)
     plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
     summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from model import Policy
 from plumbing.flags import check
 from scaling.distributed import all_sum, everyone, gather, world
 from scaling.lora import adapters_disabled
-from speed.decode import Rollout, sample_groups  # noqa: F401  (the rollout phase; eval.py decodes with it too)
+from speed.decode import COMPILE_MODES, Rollout, sample_groups  # noqa: F401  (the rollout; eval.py decodes with it too)
 from speed.logprobs import shared_prompt_logprobs
 from variants import advantages as estimators
 from variants.dynamic_sampling import dynamic_sampling
@@ -79,7 +79,9 @@ class GRPOConfig:
     dynamic_sampling_max_draws: int = 0
     """dynamic sampling: extra prompts drawn per step at most (0: 3 x the batch)"""
     decode_chunk: int = 0
-    """prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory; all on CPU)"""
+    """prompts decoded at a time, whole groups (0: as many as fit half the free GPU memory, in even chunks; all on CPU)"""
+    compile_decode: str = field(default="auto", metadata={"choices": COMPILE_MODES})
+    """the rollout's one-token decode step: auto (inductor on one GPU without a 4-bit base; eager otherwise) | off (eager) | inductor | cudagraphs (inductor + CUDA graphs, recorded again each rollout) | eager, aot_eager (dynamo's checking backends)"""
 
     def __post_init__(self):
         if self.aggregation not in AGGREGATIONS:
@@ -95,7 +97,8 @@ class GRPOConfig:
               ("clip_eps", self.clip_eps > 0, "> 0"), ("temperature", self.temperature >= 0, ">= 0"),
               ("top_p", 0 < self.top_p <= 1, "in (0, 1]"), ("entropy_coef", self.entropy_coef >= 0, ">= 0"),
               ("max_new_tokens", self.max_new_tokens >= 0, ">= 0"), ("decode_chunk", self.decode_chunk >= 0, ">= 0"),
-              ("dynamic_sampling_max_draws", self.dynamic_sampling_max_draws >= 0, ">= 0"))
+              ("dynamic_sampling_max_draws", self.dynamic_sampling_max_draws >= 0, ">= 0"),
+              ("compile_decode", self.compile_decode in COMPILE_MODES, f"one of {', '.join(COMPILE_MODES)}"))
 
 
 # ============================================================================ ALGO LOGIC: the math
@@ -253,7 +256,7 @@ def grpo_step(policy: Policy, reference, optimizer, samples, reward_fn, cfg: GRP
     clock = _Clock(policy.device)
     G = cfg.group_size
     rollout = sample_groups(policy, samples, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator,
-                            cfg.decode_chunk)
+                            cfg.decode_chunk, compile=cfg.compile_decode)
     clock.lap("time/rollout")
     rewards = score(samples, rollout.texts, reward_fn, G)
     clock.lap("time/scoring")

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,6 +32,9 @@ TINY_MAX_NEW_TOKENS = 4
 TINY_PLANNING_MAX_NEW_TOKENS = 48
 PAPER_MAX_NEW_TOKENS = 2048  # the paper's response budget, for every question type, for any real model
 BUDGETS_FILE = "rewardmap.json"  # written beside a saved policy: the token budgets it was trained with
+IMAGE_CACHE_BYTES = 8 << 30
+"""Host memory the preprocessed map images of a run may hold (`image_inputs`); the least recently used go first.
+ReasonMap's 30 maps at a checkpoint's default budget of 12.8 M pixels: ~154 MB each in bf16, 4.6 GB in all."""
 
 
 @dataclass
@@ -46,7 +51,7 @@ class Policy:
     suppress_ids: Tensor  # token ids never sampled: special tokens except end-of-turn, unused vocab rows
     eos_id: int  # end of turn (<|im_end|>)
     pad_id: int
-
+    images: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)  # `image_inputs`' cache
 
 
 # ----------------------------------------------------------------------------- loading and saving
@@ -95,7 +100,8 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
                 max_pixels: int | None = None, min_pixels: int | None = None, master_weights: bool = False,
                 qlora: bool = False) -> Policy:
     """Load a Qwen2-VL / Qwen2.5-VL checkpoint, or a text-only causal LM (detected from the config), or a LoRA
-    adapter folder that `save_policy` wrote (its base, then the adapter: lora.py).
+    adapter folder that `save_policy` wrote (its base, then the adapter: lora.py; the image processor saved with
+    the adapter, so its image budget is the one it was trained with).
 
     `dtype` is the compute dtype. Defaults: CUDA if available, bf16 there (fp32 on CPU), flash-attention 2
     when `flash_attn` imports (CUDA only), else SDPA. `max_pixels` / `min_pixels` override the checkpoint's
@@ -115,6 +121,10 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
             raise ValueError(f"{name_or_path}: LoRA adapters whose base model cannot be loaded ({e}); point "
                              f"base_model_name_or_path in {adapter} at the base model's folder or hub id") from e
         lora.load_adapter(policy.model, name_or_path)
+        if policy.is_vlm and (Path(name_or_path) / "preprocessor_config.json").is_file():  # the budget it trained with
+            policy.image_processor = image_processor(name_or_path, max_pixels, min_pixels)
+            policy.max_pixels = policy.image_processor.size["longest_edge"]
+            policy.min_pixels = policy.image_processor.size["shortest_edge"]
         return policy
     check_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,17 +145,23 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, padding_side="left")
-    image_processor = None
-    if is_vlm:
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+    processor = image_processor(name_or_path, max_pixels, min_pixels) if is_vlm else None
+    if processor is not None:
+        max_pixels, min_pixels = processor.size["longest_edge"], processor.size["shortest_edge"]
+    return _make_policy(model, tokenizer, processor, device, max_pixels, min_pixels)
 
-        image_processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
-        if max_pixels is not None:
-            image_processor.size["longest_edge"] = max_pixels
-        if min_pixels is not None:
-            image_processor.size["shortest_edge"] = min_pixels
-        max_pixels, min_pixels = image_processor.size["longest_edge"], image_processor.size["shortest_edge"]
-    return _make_policy(model, tokenizer, image_processor, device, max_pixels, min_pixels)
+
+def image_processor(name_or_path: str, max_pixels: int | None = None, min_pixels: int | None = None):
+    """The Qwen2-VL image processor saved in `name_or_path` (Pillow-backed: no torchvision), its pixel budget
+    overridden where given."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    processor = Qwen2VLImageProcessorPil.from_pretrained(name_or_path)
+    if max_pixels is not None:
+        processor.size["longest_edge"] = max_pixels
+    if min_pixels is not None:
+        processor.size["shortest_edge"] = min_pixels
+    return processor
 
 
 def check_model_path(name_or_path: str) -> None:
@@ -293,13 +309,11 @@ def encode_prompts(policy: Policy, samples) -> dict:
     assistant.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>\n{question}<|im_end|>
     \n<|im_start|>assistant\n` (tests/test_model.py checks it token for token).
     """
-    from PIL import Image
-
     tok, texts = policy.tokenizer, [chat_text(policy, s) for s in samples]
-    images = [Image.open(s.image).convert("RGB") for s in samples if policy.is_vlm and s.image]
+    images = [image_inputs(policy, s.image) for s in samples if policy.is_vlm and s.image]  # [speed] once per run
     out = {}
     if images:
-        vis = policy.image_processor(images=images, return_tensors="pt")
+        vis = {"pixel_values": torch.cat([pv for pv, _ in images]), "image_grid_thw": torch.cat([g for _, g in images])}
         merge = policy.image_processor.merge_size ** 2
         k = 0
         for i, s in enumerate(samples):  # expand the single <|image_pad|> into one token per merged patch
@@ -352,6 +366,28 @@ def join_prompt_response(prompts: dict, prompt_index: Tensor, response_ids: Tens
         batch.update(pixel_values=torch.cat([pv[starts[i]:starts[i] + sizes[i]] for i in uniq.tolist()]),
                      image_grid_thw=grid[uniq], row_image=torch.full_like(used, -1).masked_scatter(has, inv))
     return batch
+
+
+def image_inputs(policy: Policy, path: str) -> tuple[Tensor, Tensor]:
+    """(pixel_values [patches, 3 x 2 x 14 x 14] in the model's dtype, image_grid_thw [1, 3]) of the image file at
+    `path` under the policy's image budget, on the CPU. [speed] Decoded, resized and normalised once per run:
+    ReasonMap has ~30 maps, asked for at every step that uses them (1.9 s for one 32 MP map on a busy 2-core CPU,
+    serial with the GPU). Kept in `policy.images`, keyed by the file (path, size, modification time) and the
+    budget, up to `IMAGE_CACHE_BYTES` (least recently used out first: at full resolution a map is ~0.4-0.8 GB)."""
+    from PIL import Image
+
+    proc, stat = policy.image_processor, os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, proc.size["longest_edge"], proc.size["shortest_edge"])
+    if key in policy.images:
+        policy.images.move_to_end(key)
+        return policy.images[key]
+    with Image.open(path) as image:
+        vis = proc(images=[image.convert("RGB")], return_tensors="pt")
+    policy.images[key] = entry = (vis["pixel_values"].to(policy.model.dtype), vis["image_grid_thw"])
+    while len(policy.images) > 1 and sum(v[0].nbytes for v in policy.images.values()) > IMAGE_CACHE_BYTES:
+        policy.images.popitem(last=False)
+    return entry
+
 
 # ----------------------------------------------------------------------------- forward passes
 

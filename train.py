@@ -232,9 +232,9 @@ def check_config(cfg: TrainConfig) -> None:
         raise ValueError("--sft-lora-rank merges the SFT adapters into the weights, which a 4-bit --qlora base cannot take")
 
 
-MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every", "eval_samples",
-                        "max_nonfinite", "gradient_checkpointing", "decode_chunk", "debug", "merge_lora", "report_to",
-                        "report_samples_every")
+MAY_CHANGE_ON_RESUME = ("resume", "overwrite", "out", "cache_dir", "save_every", "keep_checkpoints", "eval_every",
+                        "eval_samples", "max_nonfinite", "gradient_checkpointing", "decode_chunk", "compile_decode", "debug",
+                        "merge_lora", "report_to", "report_samples_every")
 """The settings a resumed run may change: where things are written and how often, what is only logged, and
 recomputation that leaves the update's value unchanged. Every other TrainConfig field changes what the run
 computes, so a resumed run must keep the killed run's value, or its steps would not continue that run's."""

@@ -20,8 +20,8 @@
             tensor a slice at a time), ~20 bytes per element, ~32 with 8-bit moments (`ADAMWSR_SLICE_BYTES`).
 Assumptions: flash / memory-efficient attention (no [T, T] scores); the residual stream has the weights'
 dtype (float32 under the `master` scheme's autocast), matmul outputs the compute dtype (bf16, float32
-for the 'float32' scheme), RMSNorm upcasts to float32; KV cache in the compute dtype (under autocast
-the rotary keys may be float32: then the cache is up to 1.5x this); the vision encoder's activations and
+for the 'float32' scheme), RMSNorm upcasts to float32; KV cache in the compute dtype (the decode's cache
+stores the float32 rotary keys of autocast in bf16: speed/decode.py); the vision encoder's activations and
 the CUDA context / allocator fragmentation (~1-3 GiB) are left out; with gpus > 1 the prompts are split
 evenly over the GPUs. `peak` = static + max(phases) is an upper bound: in the rollout the gradients are
 already freed (zero_grad(set_to_none=True)).

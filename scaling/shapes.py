@@ -19,14 +19,17 @@ QWEN25_VL = {
 }
 
 
-def shape_config(arch: str, tok):
-    """Qwen2.5-VL config at the published size, with this tokenizer's special-token ids."""
+def shape_config(arch: str, tok, vision: dict | None = None, **text):
+    """Qwen2.5-VL config at the published size, with this tokenizer's special-token ids. `text` / `vision` override
+    fields of the language model / vision tower (e.g. num_hidden_layers=2: the real widths, two layers); a shallower
+    tower keeps the published full-attention blocks it still has, else makes its last block one."""
     from transformers import Qwen2_5_VLConfig
 
-    a = dict(QWEN25_VL[arch])
+    a = {**QWEN25_VL[arch], **text}
     rope = {"rope_type": "default", "rope_theta": a.pop("rope_theta"), "mrope_section": a.pop("mrope_section")}
     ids = tok.convert_tokens_to_ids
-    vision = dict(VISION, out_hidden_size=a["hidden_size"])
+    vision = {**VISION, "out_hidden_size": a["hidden_size"], **(vision or {})}
+    vision["fullatt_block_indexes"] = [i for i in vision["fullatt_block_indexes"] if i < vision["depth"]] or [vision["depth"] - 1]
     return Qwen2_5_VLConfig(text_config=dict(a, rope_parameters=rope), vision_config=vision,
                             tie_word_embeddings=a["tie_word_embeddings"], image_token_id=ids("<|image_pad|>"),
                             video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),

@@ -42,16 +42,18 @@ class _HeadLogProbs(torch.autograd.Function):
     7B a micro-batch's logits would be [8, 2049, 152064] = 4.6 GiB in bf16). Gradients: with dz = g (onehot - p)
     (- g_H p (log p + H) for the entropy), dh = dz W and dW = dz^T h, accumulated over chunks in float32; with an
     adapter, u = h A^T: dB = s dz^T u, dA = s (dz B)^T h, and dh gains s (dz B) A. dW is only computed when W
-    trains (a frozen LoRA base never holds a [V, H] float32 gradient).
+    trains (a frozen LoRA base never holds a [V, H] float32 gradient). `dtype`: the GEMMs' dtype (bf16 under float32
+    master weights, as autocast would run the head; None: the hidden states'); logits and log-softmax in float32.
     """
 
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, lora_a: Tensor | None, lora_b: Tensor | None, scale: float,
-                tokens: Tensor, chunk: int, with_entropy: bool):
-        w = weight.to(hidden.dtype)
+                tokens: Tensor, chunk: int, with_entropy: bool, dtype: torch.dtype | None = None):
+        dtype = dtype or hidden.dtype
+        w = weight.to(dtype)
         logp, entropy = [], []
         for h, tk in zip(hidden.split(chunk), tokens.split(chunk)):
-            z = _head_logits(h, w, lora_a, lora_b, scale)
+            z = _head_logits(h.to(dtype), w, lora_a, lora_b, scale)
             lse = z.logsumexp(-1)
             logp.append(z.gather(-1, tk[:, None]).squeeze(-1) - lse)
             if with_entropy:
@@ -59,21 +61,21 @@ class _HeadLogProbs(torch.autograd.Function):
         logp = torch.cat(logp)
         entropy = torch.cat(entropy) if with_entropy else logp.new_zeros(0)
         ctx.save_for_backward(hidden, weight, lora_a, lora_b, tokens, entropy)
-        ctx.chunk, ctx.scale = chunk, scale
+        ctx.chunk, ctx.scale, ctx.dtype = chunk, scale, dtype
         return logp, entropy
 
     @staticmethod
     def backward(ctx, grad: Tensor, grad_entropy: Tensor):
         hidden, weight, lora_a, lora_b, tokens, entropy = ctx.saved_tensors
         with_entropy = entropy.numel() > 0 and grad_entropy is not None
-        s, w = ctx.scale, weight.to(hidden.dtype)
+        s, w = ctx.scale, weight.to(ctx.dtype)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
         grad_a = torch.zeros_like(lora_a) if lora_a is not None else None
         grad_b = torch.zeros_like(lora_b) if lora_b is not None else None
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
-            h, tk, g = hidden[rows], tokens[rows], grad[rows]
+            h, tk, g = hidden[rows].to(ctx.dtype), tokens[rows], grad[rows]
             logp = _head_logits(h, w, lora_a, lora_b, s).log_softmax(-1)
             p = logp.exp()
             dz = -p * g[:, None]
@@ -85,14 +87,14 @@ class _HeadLogProbs(torch.autograd.Function):
                 dzb = dzf @ lora_b
                 grad_b += s * (dzf.T @ (hf @ lora_a.T))
                 grad_a += s * (dzb.T @ hf)
-            dz = dz.to(hidden.dtype)
+            dz = dz.to(ctx.dtype)
             grad_hidden[rows] = dz @ w
             if lora_a is not None:
                 grad_hidden[rows] += (s * (dzb @ lora_a)).to(hidden.dtype)
             if grad_weight is not None:
                 grad_weight += (dz.T @ h).float()
         grad_weight = grad_weight.to(weight.dtype) if grad_weight is not None else None
-        return grad_hidden, grad_weight, grad_a, grad_b, None, None, None, None
+        return grad_hidden, grad_weight, grad_a, grad_b, None, None, None, None, None
 
 
 def _head_logits(h: Tensor, w: Tensor, lora_a: Tensor | None, lora_b: Tensor | None, scale: float) -> Tensor:
@@ -108,7 +110,8 @@ def head_logprobs(model: nn.Module, hidden: Tensor, tokens: Tensor, chunk: int |
     """Log-probs [N, T] (float32) of `tokens` [N, T] given the decoder's `hidden` [N, T, H] that predict
     them, through the model's LM head without materialising the [N, T, vocab] logits (`_HeadLogProbs`);
     with `with_entropy`, the pair (logp, entropy). A LoRA adapter on the head (lora.LoraLinear) is included
-    unless it is disabled (the reference policy)."""
+    unless it is disabled (the reference policy). [speed] Under float32 master weights the head's GEMMs run in
+    the autocast dtype (bf16), as the model's other layers do: not four float32 [rows, H] x [H, 152k] GEMMs."""
     head = model.get_output_embeddings()
     a = b = None
     scale = 1.0
@@ -119,7 +122,7 @@ def head_logprobs(model: nn.Module, hidden: Tensor, tokens: Tensor, chunk: int |
     weight = head.weight
     shape, chunk = tokens.shape, _rows_per_chunk(weight.shape[0], chunk)
     logp, entropy = _HeadLogProbs.apply(hidden.reshape(-1, hidden.shape[-1]), weight, a, b, scale,
-                                        tokens.reshape(-1), chunk, with_entropy)
+                                        tokens.reshape(-1), chunk, with_entropy, getattr(model, "autocast_dtype", None))
     return (logp.view(shape), entropy.view(shape)) if with_entropy else logp.view(shape)
 
 

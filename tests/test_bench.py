@@ -64,3 +64,18 @@ def test_shared_prompt_logprobs_equal_full_sequence_pass(kind, tiny_lm, tiny_vlm
     assert sum(a is not None and bool(a.abs().sum() > 0) for a in g_full) > len(params) // 2  # real gradients compared
     for a, b in zip(g_full, g_shared):
         assert (a is None) == (b is None) and (a is None or torch.allclose(a, b, atol=1e-5, rtol=1e-4))
+
+
+def test_decode_bench_prints_one_json_line_with_the_figures(tmp_path, capsys):
+    """`bench --decode` on the tiny VLM only (the 3B-width model takes minutes on a CPU): ours vs generate, and the
+    loop's host syncs per token, exactly one per 16 tokens (counted at 32 and 16 tokens)."""
+    from tools import decode_bench
+
+    out = decode_bench.run(str(tmp_path), steps=1, models={"tiny-vlm": (2, 32)})
+    lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("{")]
+    assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(out))
+    m = out["models"]["tiny-vlm"]
+    assert m["rows"] == 16 and m["new_tokens"] == 32
+    assert m["tokens_per_s"] > 0 and m["generate_tokens_per_s"] > 0
+    assert m["speedup_vs_generate"] == pytest.approx(m["tokens_per_s"] / m["generate_tokens_per_s"])
+    assert m["host_syncs_per_token"] == 1 / 16 and m["generate_host_syncs_per_token"] >= 1  # generate: every token

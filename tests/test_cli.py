@@ -1,7 +1,8 @@
 """The commands' shared behaviour (cli.py): a user error is one line `error: ...` and exit status 2 (the
-traceback only with --debug); results are strict JSON."""
+traceback only with --debug); results are strict JSON; the CUDA allocator gets expandable segments."""
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -79,3 +80,14 @@ def test_eval_json_is_strict_when_a_split_is_empty(tmp_path):
     summary = evaluation.metrics_for(samples, ["\\boxed{yes}"] * len(samples))
     assert math.isnan(summary["plus"]["count"])
     assert json.loads(cli.dumps(summary), parse_constant=lambda c: pytest.fail(f"non-strict {c}"))["plus"]["count"] is None
+
+
+def test_commands_turn_on_expandable_segments_unless_configured(monkeypatch):
+    for name in ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF"):
+        monkeypatch.delenv(name, raising=False)
+    assert cli.run(lambda argv: os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), []) == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:256")  # the user's setting stays
+    assert cli.run(lambda argv: os.environ["PYTORCH_CUDA_ALLOC_CONF"], []) == "max_split_size_mb:256"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "backend:native")  # the newer name counts too
+    assert cli.run(lambda argv: os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), []) is None

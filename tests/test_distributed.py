@@ -184,3 +184,13 @@ def test_torchrun_sigterm_stops_every_rank_after_the_step_with_a_checkpoint(tmp_
     assert (stopped / "checkpoints" / "step-000002" / "sharded").is_dir() and len(rows(stopped / "metrics.jsonl")) == 2
     torchrun("train.py", *args, "--out", str(stopped), "--resume")
     assert [comparable(r) for r in rows(stopped / "metrics.jsonl")] == expected
+
+
+def test_a_sharded_rollout_gathers_each_layer_once(tmp_path, tiny_cache):
+    """tests/distributed_rollout.py: sample_groups on a model sharded over 2 ranks all-gathers each FSDP unit once
+    for the whole rollout (distributed.gathered), not once per token; the same responses; sharded again after."""
+    torchrun("tests/distributed_rollout.py", str(tmp_path / "r"), str(tiny_cache))
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["units"] >= 2 and r["same_texts"] and r["resharded"]
+    assert r["gathered"] <= r["units"] + 1  # each decoder layer once, and the root
+    assert r["per_token"] >= r["units"] * r["tokens"]  # what FSDP did before: every layer for every token

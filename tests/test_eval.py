@@ -223,3 +223,28 @@ def test_answer_priors_are_the_training_splits_most_common_answers():
     assert priors == {"torf1": {"answer": "yes", "accuracy": 0.25}, "counting2": {"answer": "1", "accuracy": 1.0}}
     summary = {"per_type_accuracy": {"torf1": 0.5}, "priors": priors}
     assert "accuracy torf1 (answer prior 25.0%)" in evaluation.table(summary)
+
+
+def test_eval_loads_the_model_with_the_image_budget_dtype_and_qlora_asked(tmp_path, monkeypatch):
+    """--max-pixels (the training budget: a base checkpoint's own is 12.8 M pixels), --dtype and --qlora reach the
+    model loader; without them it gets the defaults (the folder's budget, the device's dtype, no 4-bit base)."""
+    got = []
+
+    def load(name, train, **kw):
+        got.append(kw)
+        raise SystemExit  # stop before generating: only the loader's arguments matter here
+
+    monkeypatch.setattr(evaluation.models, "load_model", load)
+    base = ["--cache-dir", str(tmp_path / "cache"), "--cities", "3"]
+    for argv in (base, base + ["--max-pixels", "1003520", "--dtype", "bfloat16", "--qlora"]):
+        with pytest.raises(SystemExit):
+            evaluation.main(argv)
+    assert (got[0]["max_pixels"], got[0]["dtype"], got[0]["qlora"]) == (0, torch.float32, False)
+    assert (got[1]["max_pixels"], got[1]["dtype"], got[1]["qlora"]) == (1003520, torch.bfloat16, True)
+
+
+def test_eval_qlora_on_a_cpu_is_a_one_line_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.run(evaluation.main, ["--model", str(tmp_path / "absent-model"), "--qlora", "--cache-dir",
+                                  str(tmp_path / "cache"), "--cities", "3"])
+    assert stop.value.code == 2 and "error: --qlora needs a CUDA GPU and bitsandbytes" in capsys.readouterr().err

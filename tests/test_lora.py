@@ -291,3 +291,16 @@ def test_bad_specs_are_named(tiny_vlm, tmp_path):
     config.write_text(config.read_text().replace('"use_dora": false', '"use_dora": true'))
     with pytest.raises(ValueError, match=r"dora: only plain LoRA adapters.*'use_dora': True"):
         lora.load_adapter(fresh(tiny_vlm).model, tmp_path / "dora")
+
+
+def test_an_adapter_folder_brings_its_own_image_budget(tiny_vlm, tmp_path):
+    """A LoRA run saves the adapters with the image processor it trained with; loading the folder uses that
+    processor (its budget), not the base checkpoint's; an explicit max_pixels still wins."""
+    policy = fresh(tiny_vlm)
+    lora.add_lora(policy.model, RANK, ALPHA)
+    policy.image_processor = M.image_processor(policy.model.config.name_or_path, max_pixels=56 * 56)
+    M.save_policy(policy, tmp_path / "adapter")
+    loaded = M.load_policy(str(tmp_path / "adapter"))
+    assert loaded.image_processor.size["longest_edge"] == loaded.max_pixels == 56 * 56 != tiny_vlm.max_pixels
+    assert lora.lora_layers(loaded.model)
+    assert M.load_policy(str(tmp_path / "adapter"), max_pixels=84 * 84).max_pixels == 84 * 84

@@ -1,4 +1,5 @@
 """model.py: the tiny offline kit, loading/saving, prompts, and log-probs against naive computations."""
+import os
 from types import SimpleNamespace
 
 import copy
@@ -254,3 +255,60 @@ def test_long_prompts_are_dropped_counted_and_reported(tiny_lm, capsys):
     kept = train.drop_long_prompts(tiny_lm, samples, limit)
     assert kept == [s for s, n in zip(samples, lengths) if n <= limit] and 0 < len(kept) < len(samples)
     assert f"dropped {len(samples) - len(kept)} of 6 training questions" in capsys.readouterr().out
+
+
+def test_map_images_are_preprocessed_once_per_file_and_budget(tiny_vlm, tmp_path, monkeypatch):
+    """encode_prompts gives what one batched call of the image processor gives, but each map is decoded, resized and
+    normalised once per (file, budget): a step that asks again reads the cache; a new budget or a rewritten file is
+    processed again; past IMAGE_CACHE_BYTES the least recently used map goes."""
+    policy = fresh(tiny_vlm)
+    policy.images.clear()
+    samples = colour_samples(tmp_path, ["red", "blue", "red"], sizes=[(150, 60), (60, 60), (90, 120)])
+    with_images = [Image.open(s.image).convert("RGB") for s in samples]
+    batched = policy.image_processor(images=with_images, return_tensors="pt")
+    calls = []
+    real = type(policy.image_processor).__call__
+    monkeypatch.setattr(type(policy.image_processor), "__call__", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    first = M.encode_prompts(policy, samples)
+    assert torch.equal(first["pixel_values"], batched["pixel_values"]) and torch.equal(first["image_grid_thw"], batched["image_grid_thw"])
+    assert len(calls) == 3
+    again = M.encode_prompts(policy, samples + samples[:1])  # four prompts, three maps, all cached
+    assert len(calls) == 3 and torch.equal(again["pixel_values"][: len(first["pixel_values"])], first["pixel_values"])
+    policy.image_processor.size["longest_edge"] = 56 * 56  # another budget: processed anew, fewer patches
+    try:
+        small = M.encode_prompts(policy, samples[:1])
+    finally:
+        policy.image_processor.size["longest_edge"] = tiny_vlm.max_pixels
+    assert len(calls) == 4 and len(small["pixel_values"]) < len(M.encode_prompts(policy, samples[:1])["pixel_values"])
+    red = first["pixel_values"][: int(first["image_grid_thw"][0].prod())]
+    assert torch.equal(M.encode_prompts(policy, samples[:1])["pixel_values"], red)
+    Image.new("RGB", (150, 60), (30, 220, 30)).save(samples[0].image)  # the file rewritten (same size): processed anew
+    os.utime(samples[0].image, ns=(1, 1))
+    green = M.encode_prompts(policy, samples[:1])["pixel_values"]
+    assert len(calls) == 5 and green.shape == red.shape and not torch.equal(green, red)
+    # bounded: room for about one map, so each new one pushes the oldest out
+    one = max(v[0].nbytes for v in policy.images.values())
+    monkeypatch.setattr(M, "IMAGE_CACHE_BYTES", one)
+    policy.images.clear()
+    M.encode_prompts(policy, samples)
+    assert len(policy.images) == 1 and next(iter(policy.images))[0].endswith(os.path.basename(samples[2].image))
+
+
+def test_fused_head_runs_in_the_autocast_dtype_under_master_weights():
+    """Under float32 master weights with bf16 autocast, the fused head's GEMMs are bf16 (as autocast would run the
+    head), not float32: the log-probs are those of bf16 logits (computed in float32 from there), and the gradients
+    agree with float32's to bf16 precision."""
+    g = torch.Generator().manual_seed(0)
+    head = torch.nn.Linear(64, 300, bias=False)
+    model = SimpleNamespace(get_output_embeddings=lambda: head, autocast_dtype=torch.bfloat16)
+    plain = SimpleNamespace(get_output_embeddings=lambda: head)
+    hidden = torch.randn(3, 5, 64, generator=g, requires_grad=True)
+    tokens = torch.randint(0, 300, (3, 5), generator=g)
+    logp = logprobs.head_logprobs(model, hidden, tokens, chunk=4)
+    bf16 = (hidden.bfloat16() @ head.weight.bfloat16().T).float().log_softmax(-1).gather(-1, tokens[..., None]).squeeze(-1)
+    fp32 = logprobs.head_logprobs(plain, hidden, tokens, chunk=4)
+    assert torch.allclose(logp, bf16, atol=1e-6) and not torch.allclose(logp, fp32, atol=1e-6)
+    assert logp.dtype == torch.float32
+    ours = torch.autograd.grad(logp.sum(), (hidden, head.weight))
+    ref = torch.autograd.grad(fp32.sum(), (hidden, head.weight))
+    assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(ours, ref))

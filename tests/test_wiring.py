@@ -53,7 +53,8 @@ CHANGES = {
     "sft_batch_size": (["--sft-batch-size", "3"], {"sft"}, ["--sft", "3"]),
     "sft_data": (["--sft-data", "released"], {"sft"}, ["--sft", "3"]),
     "max_prompt_tokens": (["--max-prompt-tokens", "600"], {"batches"}),  # drops some prompts of every stage
-    "decode_chunk": (["--decode-chunk", "2"], GRPO), "replay": (["--replay", "0.5"], {"batches"}),
+    "decode_chunk": (["--decode-chunk", "2"], GRPO), "compile_decode": (["--compile-decode", "off"], GRPO),
+    "replay": (["--replay", "0.5"], {"batches"}),
     "max_steps_per_stage": (["--max-steps-per-stage", "3"], {"batches"}),
     "max_pixels": (["--max-pixels", "50000"], {"load_model"}), "dtype": (["--dtype", "bfloat16"], {"load_model"}),
     "bf16_update": (["--bf16-update", "stochastic"], {"load_model"}),

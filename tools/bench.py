@@ -6,6 +6,8 @@
     python -m tools.bench --workload qwen2.5-vl-7b-shape   # CUDA: real architecture, random bf16 weights
     python -m tools.bench --workload qwen2.5-vl-7b-shape --count-params   # any machine: meta device, no memory
     python -m tools.bench --bf16-check                     # do bf16 updates at lr 1e-6 survive? (precision.py)
+    python -m tools.bench --decode                         # the rollout's decode vs generate (tools/decode_bench.py)
+    python -m tools.bench --gpu-check [--dry-run]          # the whole CUDA path in 8 minutes (tools/gpu_check.py)
 
 Prints one table and one JSON line: seconds per step split into rollout / scoring / log-probs (reference
 pass) / update, completion tokens per second, peak memory (process RSS on CPU, max_memory_allocated on
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import random
 import resource
@@ -111,19 +114,35 @@ def make_policy(w: Workload, device: torch.device, cache_dir: Path):
     if w.kind in ("text", "vlm"):
         return M.build_tiny_policy(seed=0, cache_dir=cache_dir / "tiny-model", text_only=w.kind == "text",
                                    device=str(device))
+    policy = shape_policy(w.arch, device, torch.bfloat16, w.max_pixels)
+    if w.gradient_checkpointing:
+        policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return policy
+
+
+def shape_policy(arch: str, device: torch.device, dtype: torch.dtype = torch.bfloat16, max_pixels: int = 1280 * 28 * 28,
+                 vision: dict | None = None, seed: int = 0, **text):
+    """A policy of Qwen2.5-VL-3B's / -7B's published architecture (scaling/shapes.py; `vision` / `text` override
+    its fields, e.g. num_hidden_layers=2) with random weights made on `device` in `dtype` (nothing can be
+    downloaded), the project's small tokenizer and an image processor of budget `max_pixels`."""
+    import model as M
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tok = tiny_model.build_tokenizer(tiny_model.builtin_corpus())
-    torch.manual_seed(0)
-    attn = M.default_attn_implementation(torch.device(device))
-    cfg = shape_config(w.arch, tok)
+    tok = shape_tokenizer()
+    torch.manual_seed(seed)
+    attn = M.default_attn_implementation(torch.device(device), dtype)
+    cfg = shape_config(arch, tok, vision, **text)
     cfg._attn_implementation = attn
-    with torch.device(device):  # random weights straight on the GPU, in bf16
-        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=torch.bfloat16, attn_implementation=attn)
-    if w.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    proc = tiny_model.make_image_processor(14, 2, w.max_pixels, 56 * 56)
-    return M._make_policy(model, tok, proc, device, w.max_pixels, 56 * 56)
+    with torch.device(device):  # random weights straight on the device, in the compute dtype
+        model = Qwen2_5_VLForConditionalGeneration._from_config(cfg, dtype=dtype, attn_implementation=attn)
+    proc = tiny_model.make_image_processor(14, 2, max_pixels, 56 * 56)
+    return M._make_policy(model, tok, proc, device, max_pixels, 56 * 56)
+
+
+@functools.lru_cache(maxsize=1)
+def shape_tokenizer():
+    """The project's small tokenizer (offline/tiny_model.py) for the shape models: trained once per process."""
+    return tiny_model.build_tokenizer(tiny_model.builtin_corpus())
 
 
 def force_full_length(policy):
@@ -351,7 +370,7 @@ def main(argv=None) -> dict:
     """The command line: build the workload, warm up, time the steps (and TRL's), report."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", default="tiny-text", choices=sorted(WORKLOADS))
-    ap.add_argument("--steps", type=int, default=10, help="timed steps (after --warmup)")
+    ap.add_argument("--steps", type=int, default=0, help="timed steps (after --warmup; 0: 10, with --decode 3)")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--vs-trl", action="store_true", help="also run TRL's GRPOTrainer, interleaved, and print the ratio")
     ap.add_argument("--prompts", type=int, help="override the workload's prompts per step")
@@ -375,8 +394,27 @@ def main(argv=None) -> dict:
                     "the image processor's, what the presets use; the one-GPU recipes: 1003520, 1,280 visual tokens)")
     ap.add_argument("--self-check", action="store_true", help="with --memory-plan: also check the model against "
                     "real grpo_steps at 7B widths (2 layers) on CPU, full fine-tuning (~17 GiB RAM) and rank-64 LoRA")
+    ap.add_argument("--decode", action="store_true", help="the rollout's decode vs transformers' generate: tokens/s "
+                    "and host syncs per token, tiny VLM and 2 layers at Qwen2.5-VL-3B's widths (tools/decode_bench.py)")
+    ap.add_argument("--compile-decode", default="off", help="with --decode: how the one-token step runs "
+                    "(speed.decode.COMPILE_MODES; default off: eager)")
+    ap.add_argument("--gpu-check", action="store_true", help="check the whole CUDA path on one GPU in under 8 minutes "
+                    "(tools/gpu_check.py: random-init 3B / 7B shapes); writes --out, prints a table")
+    ap.add_argument("--dry-run", action="store_true", help="with --gpu-check: the same checks on the CPU, tiny shapes")
+    ap.add_argument("--out", default="gpu_check.json", help="with --gpu-check: the JSON file to write")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
+    if args.gpu_check:
+        from tools import gpu_check
+
+        return gpu_check.run_checks(dry=args.dry_run, out=args.out, cache_dir=args.cache_dir)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.decode:
+        from tools import decode_bench
+
+        return decode_bench.run(args.cache_dir, steps=args.steps or 3, compile=args.compile_decode, device=args.device)
+    args.steps = args.steps or 10
     if args.memory_plan:
         from scaling import memory
         from tools import memory_check
@@ -403,8 +441,6 @@ def main(argv=None) -> dict:
         c = count_shape_params(w.arch)
         print(json.dumps({"workload": w.name, **c}))
         return c
-    if args.threads:
-        torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if w.kind == "shape" and device.type != "cuda":
         raise ValueError(f"--workload {w.name} needs a CUDA GPU (try --count-params)")

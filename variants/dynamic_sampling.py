@@ -56,7 +56,8 @@ def dynamic_sampling(policy: Policy, samples, rollout: Rollout, rewards: dict[st
         new = list(more(min(math.ceil(missing * len(drawn) / max(found, 1)), cap - (len(drawn) - target))))
         if not new:
             break  # the stage's prompts are used up
-        extra = sample_groups(policy, new, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator, cfg.decode_chunk)
+        extra = sample_groups(policy, new, G, cfg.max_new_tokens, cfg.temperature, cfg.top_p, generator, cfg.decode_chunk,
+                              compile=cfg.compile_decode)
         scores.append(score(new, extra.texts))
         rounds.append(extra)
         drawn += new
