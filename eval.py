@@ -24,6 +24,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
 from tqdm import tqdm
 
 from plumbing import cli
@@ -31,6 +32,7 @@ import data
 import grpo
 from scaling.distributed import even_share, gather, world
 import model as models
+from scaling import lora
 import rewards
 from transit.metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
 from transit.released import official_correct, official_map_score  # the evaluators Table 1 used
@@ -416,6 +418,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", default="", help="folder for eval.json and eval.html (default: the model folder, or runs/eval)")
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     a = ap.parse_args(argv)
+    if a.qlora:  # before any data or model is loaded: a 4-bit base needs a CUDA GPU and bitsandbytes
+        lora.check_qlora("cuda" if torch.cuda.is_available() else "cpu")
     train, test = data.load_data(a.data, a.cities, a.seed, a.cache_dir)
     samples = train if a.split == "train" else test
     if a.limit and a.limit < len(samples):

@@ -235,6 +235,7 @@ def test_eval_loads_the_model_with_the_image_budget_dtype_and_qlora_asked(tmp_pa
         raise SystemExit  # stop before generating: only the loader's arguments matter here
 
     monkeypatch.setattr(evaluation.models, "load_model", load)
+    monkeypatch.setattr(evaluation.lora, "check_qlora", lambda device: None)  # this CPU has no 4-bit kernels
     base = ["--cache-dir", str(tmp_path / "cache"), "--cities", "3"]
     for argv in (base, base + ["--max-pixels", "1003520", "--dtype", "bfloat16", "--qlora"]):
         with pytest.raises(SystemExit):

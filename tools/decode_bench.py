@@ -71,7 +71,7 @@ def make_policies(device: torch.device, cache_dir: Path, which=tuple(MODELS)) ->
     2,048, 16 / 2 heads, MLP 11,008, vocab 151,936, vision 1,280 wide) with 2 decoder layers and 2 vision blocks,
     random weights (~0.45 B parameters, most of them the embedding), in the compute dtype (bf16 on CUDA)."""
     import model as M
-    from tools import bench
+    from tools import workloads as bench
 
     out = {}
     for name in which:
@@ -151,7 +151,7 @@ def measure(policy, samples, group_size: int = 8, new_tokens: int = 64, steps: i
 def run(cache_dir: str = ".cache", steps: int = 3, compile: str = "off", device: str | None = None,
         models: dict = MODELS) -> dict:
     """`--decode`: measure each model; print one line each and one JSON line; return the figures."""
-    from tools import bench
+    from tools import workloads as bench
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cache = Path(cache_dir)

@@ -66,7 +66,7 @@ class Run:
 
     def policy(self, arch: str, dtype: torch.dtype, **text):
         """A random-init policy of `arch`'s shape (tiny widths in a dry run), end-of-turn suppressed."""
-        from tools import bench
+        from tools import workloads as bench
 
         shape = dict(TINY["text"], **text) if self.dry else text
         policy = bench.shape_policy(arch, self.device, dtype, self.max_pixels, TINY["vision"] if self.dry else None,
@@ -74,7 +74,7 @@ class Run:
         return bench.force_full_length(policy)
 
     def samples(self, n: int):
-        from tools import bench
+        from tools import workloads as bench
 
         return bench.bench_samples(n, True, self.cache / "bench-maps")
 
@@ -276,7 +276,7 @@ def qlora_3b(run: Run) -> dict:
         M.save_policy(run.policy("3b", torch.bfloat16), folder)
         gc.collect()
         torch.cuda.empty_cache()
-        from tools import bench
+        from tools import workloads as bench
 
         policy = bench.force_full_length(M.load_policy(folder, dtype=torch.bfloat16, qlora=True))
     return grpo_steps(run, policy, "3b", "plain", False, micro_batch=8, prompts=run.step_prompts, lora_rank=64,
