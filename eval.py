@@ -117,17 +117,20 @@ def metrics_for(samples: list, responses: list[str], long: bool = False) -> dict
 
 
 def answer_priors(train: list, test: list) -> dict[str, dict]:
-    """Each question type's answer prior: the training split's most common answer of that type (ties broken by
-    the answer's text) and its accuracy on `test`'s questions of that type (exact match with the reference
-    answer). What a model that reads only the question type can score: the floor that learning shows above."""
+    """Each question type's answer prior: the training split's most common answer of that type and its accuracy
+    on `test`'s questions of that type (exact match with the reference answer). What a model that reads only the
+    question type can score: the floor that learning shows above. When several answers tie as the most common,
+    `answer` lists them ("3 / 4 / 6"; more than 5: their count) and `accuracy` is their mean (the expected score
+    of picking one)."""
     out = {}
     for q in sorted({s.qtype for s in test}):
         counts = Counter(s.answer for s in train if s.qtype == q)
         if not counts:
             continue
-        answer = min(counts, key=lambda a: (-counts[a], a))
+        top = sorted(a for a, n in counts.items() if n == max(counts.values()))
         pool = [s for s in test if s.qtype == q]
-        out[q] = {"answer": answer, "accuracy": sum(s.answer == answer for s in pool) / len(pool)}
+        out[q] = {"answer": " / ".join(top) if len(top) <= 5 else f"{len(top)} answers seen {max(counts.values())} time(s)",
+                  "accuracy": sum(sum(s.answer == a for s in pool) for a in top) / (len(top) * len(pool))}
     return out
 
 

@@ -83,6 +83,15 @@ def build_tiny_policy(seed: int = 0, corpus: list[str] | None = None, cache_dir:
                        master_weights=master_weights, qlora=qlora)
 
 
+def allow_tf32(device: torch.device) -> None:
+    """On CUDA, float32 matmuls (what stays float32 under bf16 autocast: the float32 master weights' optimizer
+    arithmetic, a float32 LoRA adapter, the sampler's logits) run on TF32 tensor cores: ~10 mantissa bits in the
+    products, float32 accumulation; PyTorch's default on Ampere and later is full float32 (`highest`)."""
+    if torch.device(device).type == "cuda":
+        torch.set_float32_matmul_precision("high")
+        torch.backends.cudnn.allow_tf32 = True
+
+
 def default_attn_implementation(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> str:
     """flash-attention 2 for bf16 / fp16 compute on CUDA when the optional flash-attn package imports, else
     PyTorch's SDPA (flash-attention rejects float32 inputs at the first forward)."""
@@ -128,6 +137,7 @@ def load_policy(name_or_path: str, device: str | torch.device | None = None, dty
         return policy
     check_model_path(name_or_path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    allow_tf32(device)
     if qlora:
         lora.check_qlora(device)
     if dtype is None:

@@ -217,12 +217,14 @@ def test_eval_main_end_to_end_writes_strict_json_and_html(tmp_path, capsys):
 
 
 def test_answer_priors_are_the_training_splits_most_common_answers():
-    train = [plus_sample("torf1", a) for a in "yes yes no".split()] + [plus_sample("counting2", a) for a in "2 1 1 2".split()]
+    train = [plus_sample("torf1", a) for a in "yes yes no".split()] + [plus_sample("counting2", a) for a in "2 1 1".split()]
     test = [plus_sample("torf1", a) for a in "yes no no no".split()] + [plus_sample("counting2", "1")]
     priors = evaluation.answer_priors(train, test)
     assert priors == {"torf1": {"answer": "yes", "accuracy": 0.25}, "counting2": {"answer": "1", "accuracy": 1.0}}
     summary = {"per_type_accuracy": {"torf1": 0.5}, "priors": priors}
     assert "accuracy torf1 (answer prior 25.0%)" in evaluation.table(summary)
+    tied = evaluation.answer_priors(train[:2] + [plus_sample("torf1", "no")] * 2, test)  # yes 2, no 2
+    assert tied["torf1"] == {"answer": "no / yes", "accuracy": (0.75 + 0.25) / 2}
 
 
 def test_eval_loads_the_model_with_the_image_budget_dtype_and_qlora_asked(tmp_path, monkeypatch):

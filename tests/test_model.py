@@ -312,3 +312,15 @@ def test_fused_head_runs_in_the_autocast_dtype_under_master_weights():
     ours = torch.autograd.grad(logp.sum(), (hidden, head.weight))
     ref = torch.autograd.grad(fp32.sum(), (hidden, head.weight))
     assert all(a.dtype == torch.float32 and torch.allclose(a, b, atol=2e-2, rtol=2e-2) for a, b in zip(ours, ref))
+
+
+def test_tf32_is_allowed_for_cuda_models_only():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        M.allow_tf32(torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == "highest"  # a CPU run keeps full float32
+        M.allow_tf32(torch.device("cuda", 0))  # only sets flags: no GPU needed
+        assert torch.get_float32_matmul_precision() == "high"
+    finally:
+        torch.set_float32_matmul_precision(before)
