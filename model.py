@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -305,6 +305,17 @@ def prompt_length(policy: Policy, sample) -> int:
                             min_pixels=proc.size["shortest_edge"], max_pixels=proc.size["longest_edge"])
         n += (h // proc.patch_size) * (w // proc.patch_size) // proc.merge_size ** 2 - 1  # the pad, expanded
     return n
+
+
+def drop_long_prompts(policy: Policy, samples: list, limit: int, report: bool = True) -> list:
+    """The samples whose prompt has at most `limit` tokens (`prompt_length`); the others are counted and, with
+    `report`, reported per question type (train.py's --max-prompt-tokens, the released loader's cap)."""
+    long = [prompt_length(policy, s) > limit for s in samples]
+    if any(long) and report:
+        per_type = Counter(s.qtype for s, cut in zip(samples, long) if cut)
+        print(f"--max-prompt-tokens {limit}: dropped {sum(long)} of {len(samples)} training questions with longer "
+              f"prompts ({', '.join(f'{q} {n}' for q, n in sorted(per_type.items()))})")
+    return [s for s, cut in zip(samples, long) if not cut]
 
 
 def encode_prompts(policy: Policy, samples) -> dict:

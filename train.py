@@ -13,11 +13,8 @@ policy), curves.png, eval_<stage>.json (end-of-stage evaluation). The method is 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import random
-import shutil
 import sys
-from collections import Counter
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -397,7 +394,7 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
     if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
-        train_samples = drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens)
+        train_samples = models.drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens, distributed.is_main())
         stages = selected_stages(cfg, train_samples, f" left by --max-prompt-tokens {cfg.max_prompt_tokens}")
     folder.begin(dataclasses.asdict(cfg), run_folder.launch_facts(
         policy.device, precision_of(cfg)[0], next(policy.model.parameters()).dtype,
@@ -437,48 +434,12 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
     return run
 
 
-def drop_long_prompts(policy: models.Policy, samples: list, limit: int) -> list:
-    """The samples whose prompt has at most `limit` tokens (`model.prompt_length`); the others are counted and
-    reported, per question type."""
-    long = [models.prompt_length(policy, s) > limit for s in samples]
-    if any(long) and distributed.is_main():
-        per_type = Counter(s.qtype for s, cut in zip(samples, long) if cut)
-        print(f"--max-prompt-tokens {limit}: dropped {sum(long)} of {len(samples)} training questions with longer "
-              f"prompts ({', '.join(f'{q} {n}' for q, n in sorted(per_type.items()))})")
-    return [s for s, cut in zip(samples, long) if not cut]
-
-
-SFT_SETTINGS = ("model", "data", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
-                "bf16_update", "max_pixels")
-"""What an SFT's result depends on (with its learning rate): the SFT state records them, a resumed or cached SFT
-must match them."""
-
-
 def run_sft(cfg: TrainConfig, policy: models.Policy, samples: list, out: Path) -> None:
-    """The SFT stage (variants/sft.py) in --out/sft: resumed from its saved state with --resume (a finished SFT is
-    loaded, not redone), with the run's precision scheme for its optimizer. The tiny model's finished SFT is also
-    kept in --cache-dir/sft/, keyed by everything it depends on, so that only the first run of a setting pays for it."""
+    """The SFT stage (variants/sft.py, `sft.stage`) in --out/sft, with the run's precision scheme for its optimizer."""
     dtype, master = precision_of(cfg)
-    lr = cfg.sft_lr or cfg.lr
-    make = lambda model: precision.make_optimizer(  # noqa: E731
-        model, lr, 0.0, stochastic_rounding=dtype != torch.float32 and not master and not cfg.sft_lora_rank, seed=cfg.seed)
-    settings = {**{k: getattr(cfg, k) for k in SFT_SETTINGS}, "lr": lr, "version": sft.VERSION}
-    state = out / "sft" / sft.STATE
-    cached = Path(cfg.cache_dir) / "sft" / f"{hashlib.sha256(cli.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]}.pt"
-    if cfg.model == "tiny" and cached.is_file() and not state.is_file():
-        state.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(cached, state)  # the finished SFT of these settings: loaded below, not redone
-        if distributed.is_main():
-            print(f"sft: the {cfg.sft} steps of these settings were done before, loaded from {cached}")
-    losses = sft.sft(policy, samples, cfg.sft, lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
-                     lora.default_targets(cfg.model), make, out / "sft", cfg.save_every, settings, cfg.sft_data,
-                     progress=distributed.is_main(), micro_batch_size=cfg.micro_batch_size)
-    if cfg.model == "tiny" and not cached.is_file() and state.is_file() and distributed.is_main():
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(state, cached.with_suffix(".tmp"))
-        cached.with_suffix(".tmp").replace(cached)
-    if distributed.is_main():
-        print(f"sft: {cfg.sft} steps, answer NLL {losses[0]:.3f} -> {losses[-1]:.3f} (state in {out / 'sft'})")
+    stochastic = dtype != torch.float32 and not master and not cfg.sft_lora_rank
+    sft.stage(cfg, policy, samples, out / "sft", lambda model: precision.make_optimizer(
+        model, cfg.sft_lr or cfg.lr, 0.0, stochastic_rounding=stochastic, seed=cfg.seed), distributed.is_main())
 
 
 def precision_of(cfg: TrainConfig) -> tuple[torch.dtype, bool]:

@@ -247,12 +247,10 @@ def test_prompt_length_is_the_encoded_length(kind, tiny_lm, tiny_vlm, tmp_path):
 
 
 def test_long_prompts_are_dropped_counted_and_reported(tiny_lm, capsys):
-    import train
-
     samples = text_samples(6)  # questions of two lengths (every other one repeated twice)
     lengths = [M.prompt_length(tiny_lm, s) for s in samples]
     limit = min(lengths)
-    kept = train.drop_long_prompts(tiny_lm, samples, limit)
+    kept = M.drop_long_prompts(tiny_lm, samples, limit)
     assert kept == [s for s, n in zip(samples, lengths) if n <= limit] and 0 < len(kept) < len(samples)
     assert f"dropped {len(samples) - len(kept)} of 6 training questions" in capsys.readouterr().out
 

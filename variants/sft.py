@@ -23,8 +23,11 @@ answer format the reward reads (boxed; planning: the route block).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import random
+import shutil
 from pathlib import Path
 
 import torch
@@ -167,3 +170,36 @@ def _resume(model, optimizer, folder: Path | None, lora_rank: int, config: dict 
         model.load_state_dict(state["weights"])
     optimizer.load_state_dict(state["optimizer"])
     return state["step"], state["losses"]
+
+
+SETTINGS = ("model", "data", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
+            "bf16_update", "max_pixels")
+"""What an SFT's result depends on (with its learning rate): the SFT state records them, and a resumed or cached
+SFT must match them."""
+
+
+def stage(cfg, policy: Policy, samples, folder: Path, make_optimizer, main: bool = True) -> list[float]:
+    """The SFT stage of a training run (`cfg`: train.TrainConfig) into `folder`: resumed from its saved state (a
+    finished SFT is loaded, not redone). The tiny model's finished SFT is also kept in --cache-dir/sft/, keyed by
+    everything it depends on (`SETTINGS`, its lr, `VERSION`), so that only the first run of a setting pays for it.
+    `main`: this process prints (rank 0)."""
+    lr = cfg.sft_lr or cfg.lr
+    settings = {**{k: getattr(cfg, k) for k in SETTINGS}, "lr": lr, "version": VERSION}
+    state = folder / STATE
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    cached = Path(cfg.cache_dir) / "sft" / f"{key}.pt"
+    if cfg.model == "tiny" and cached.is_file() and not state.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, state)  # the finished SFT of these settings: loaded below, not redone
+        if main:
+            print(f"sft: the {cfg.sft} steps of these settings were done before, loaded from {cached}")
+    losses = sft(policy, samples, cfg.sft, lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
+                 lora.default_targets(cfg.model), make_optimizer, folder, cfg.save_every, settings, cfg.sft_data,
+                 progress=main, micro_batch_size=cfg.micro_batch_size)
+    if cfg.model == "tiny" and not cached.is_file() and state.is_file() and main:
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(state, cached.with_suffix(".tmp"))
+        cached.with_suffix(".tmp").replace(cached)
+    if main:
+        print(f"sft: {cfg.sft} steps, answer NLL {losses[0]:.3f} -> {losses[-1]:.3f} (state in {folder})")
+    return losses
