@@ -237,6 +237,9 @@ def plan(shape: dict, scheme: str, eight_bit: bool, gpus: int, prompts: int, gro
         root = s["vocab"] * s["hidden"] * (1 if s["tied"] else 2)
         out["gathered"] = 2 * (root + 2 * _layer_params(s))
         out["logprob"] += 6 * root
+        # the rollout gathers every unit once and keeps it until the rollout ends (distributed.gathered): the whole
+        # model in bf16, less what `gathered` already holds
+        out["rollout_kv"] += 2 * P - out["gathered"]
     else:
         out["gathered"] = 0
     trained = lora_params(s, lora_rank) if lora_rank else P / gpus
@@ -260,13 +263,17 @@ def peak(parts: dict) -> float:
 
 
 def auto_chunk(shape: dict, scheme: str, eight_bit: bool, gpus: int, usable_gib: float = USABLE_GIB, **batch) -> int:
-    """grpo.auto_decode_chunk's choice: prompts whose expanded KV cache fits half the memory left free (of
-    `usable_gib`, the card's; `batch` may carry plan's lora_rank / qlora)."""
+    """speed.decode.auto_decode_chunk's choice: prompts whose G rows (their KV cache over prompt + response, rounded
+    up to the decode's window of 256 positions, and ~4 float32 vocab-sized logit rows each) fit half the memory
+    left free (of `usable_gib`, the card's), split evenly; `batch` may carry plan's lora_rank / qlora."""
     p = plan(shape, scheme, eight_bit, gpus, decode_chunk=1, **batch)
     static = sum(p[k] for k in STATIC if k != "gathered")
-    per_prompt = _kv_bytes(shape, batch["group_size"], batch["prompt_len"] + batch["response_len"], 2)
+    seq = -(-(batch["prompt_len"] + batch["response_len"]) // 256) * 256
+    per_prompt = batch["group_size"] * (_kv_bytes(shape, 1, seq, 2) + 16 * shape["vocab"])
     free = max(0.0, usable_gib * GiB - static)
-    return max(1, min(math.ceil(batch["prompts"] / gpus), int(0.5 * free // per_prompt)))
+    prompts = math.ceil(batch["prompts"] / gpus)
+    fit = max(1, min(prompts, int(0.5 * free // per_prompt)))
+    return -(-prompts // -(-prompts // fit))  # even chunks: 16 prompts that fit 15 at a time go as 2 x 8
 
 
 SCHEMES = (("master", False), ("master+8bit", True), ("stochastic", False), ("stochastic+8bit", True))

@@ -194,15 +194,18 @@ def test_fit_micro_batch_takes_the_largest_that_fits(seven_b):
 
 def test_lora_rows_use_the_cards_usable_memory(seven_b):
     """usable = the card's GiB less 2 for the CUDA context (80 GB: the table's 78); the decode chunk comes from
-    that card's free memory: half of (usable - states) over one prompt's expanded KV cache, at most 16 prompts."""
+    that card's free memory as speed.decode.auto_decode_chunk takes it: half of (usable - states) over one prompt's
+    G rows (KV cache over prompt + response rounded up to 256 positions, 16 bytes x vocab of sampler logits), at
+    most 16 prompts, split into even chunks."""
     assert (memory.card_usable_gib(24), memory.card_usable_gib(48), memory.USABLE_GIB) == (22.0, 46.0, 78.0)
     rows = {(r["scheme"], r["card_gb"]): r for r in memory.table(max_pixels=memory.REDUCED_PIXELS, archs=("7b",), gpu_counts=())}
     assert sorted(rows) == sorted((s, c) for s in ("lora", "qlora") for c in (24, 48, 80))
-    per_prompt = 2 * 28 * 4 * 128 * (1300 + 2048) * 8 * 2
+    per_prompt = 8 * (2 * 28 * 4 * 128 * 3584 * 2 + 16 * 152064)  # 1300 + 2048 = 3348 -> 3584 positions
     q = memory.plan(seven_b, "plain", False, 1, decode_chunk=1, lora_rank=64, qlora=True, **memory.PAPER)
     states = q["weights"] + q["adapters"] + q["gradients"] + q["optimizer"] + q["dequant"]
-    for card, chunk in ((24, 4), (48, 13), (80, 16)):
-        assert rows["qlora", card]["decode_chunk"] == min(16, int(0.5 * ((card - 2) * memory.GiB - states) // per_prompt)) == chunk
+    for card, fit, chunk in ((24, 4, 4), (48, 12, 8), (80, 16, 16)):  # 12 of 16 fit: 2 chunks of 8
+        assert min(16, int(0.5 * ((card - 2) * memory.GiB - states) // per_prompt)) == fit
+        assert rows["qlora", card]["decode_chunk"] == -(-16 // -(-16 // fit)) == chunk
         assert rows["qlora", card]["usable_gib"] == card - 2
 
 
@@ -249,3 +252,13 @@ def test_sft_comparison_rows():
     assert [r["phase"] for r in rows] == ["sft (LoRA rank 8)", "rl (G 4)", "rl (G 4)"]
     base = 2 * memory.shape_of("7b")["params"] / memory.GiB
     assert base < rows[0]["peak_gib"] < memory.USABLE_GIB and rows[1]["peak_gib"] < memory.USABLE_GIB
+
+
+def test_an_fsdp_rollout_holds_the_whole_model_gathered(seven_b):
+    """Under torchrun the rollout gathers every FSDP unit once and keeps it (distributed.gathered): the rollout
+    phase holds the whole model in bf16, of which `gathered` (the root and two layers) is already counted."""
+    p = memory.plan(seven_b, "master", False, 8, decode_chunk=1, **memory.PAPER)
+    kv = (memory._kv_bytes(seven_b, 8, 1300 + 2048, 2) + memory._kv_bytes(seven_b, 1, 1300, 2)
+          + 5 * 8 * seven_b["vocab"] * 4)
+    assert p["rollout_kv"] == kv + 2 * SEVEN_B_PARAMS - p["gathered"]
+    assert memory.plan(seven_b, "master", False, 1, decode_chunk=1, **memory.PAPER)["rollout_kv"] == kv
