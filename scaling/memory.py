@@ -10,8 +10,8 @@
             x chunk*G rows) + the chunk's unexpanded prefill cache + ~5 float32 [rows, vocab] sampling copies;
   prefill   one layer's no-grad transients over the chunk's prompt tokens (+ its KV cache);
   reference the no-grad reference pass of one micro-batch (cache of prompt + response, one layer's transients);
-  logprob   the update's forward/backward of one micro-batch over the full sequence (gradient checkpointing
-            drops the prompt cache, so shared_prompt_logprobs falls back to prompt + response): the per-layer
+  logprob   the update's forward/backward of one micro-batch over the full sequence (an upper bound:
+            shared_prompt_logprobs computes each prompt once per group, then the responses): the per-layer
             boundary hidden states [rows, T, hidden] x layers, one layer's recomputed activations, the fused
             head's float32 chunk of logits (x3 in backward) and its float32 [vocab, hidden] weight-gradient;
   optimizer torch's foreach AdamW (CUDA) makes one float32 copy of the second moments (sqrt); bitsandbytes

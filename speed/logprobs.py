@@ -13,8 +13,11 @@ tests/test_model.py checks both against `plain_response_logprobs`.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
+from transformers import DynamicCache
 
 from model import forward_hidden, forward_logits, join_prompt_response, kv_cache
 from scaling import lora
@@ -145,10 +148,47 @@ def response_logprobs(model: nn.Module, batch: dict, chunk: int | None = None, w
     return head_logprobs(model, hidden, batch["input_ids"][:, -T:], chunk, with_entropy)
 
 
-def _checkpointing_drops_cache(model: nn.Module) -> bool:
-    """True when transformers' gradient-checkpointed layers would silently drop a KV cache (training + grad)."""
+def _checkpointed(model: nn.Module) -> bool:
+    """True when transformers' gradient-checkpointed layers will replay their forward in backward (training + grad)."""
     return model.training and torch.is_grad_enabled() and any(
         getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
+class ReplayCache(DynamicCache):
+    """A KV cache that gradient-checkpointed layers may write. transformers drops a plain cache under checkpointing,
+    because the backward pass replays each layer's forward and would write it twice; without a cache the prompt
+    would be computed G times. Here each write remembers what the layer's cache held before it, and a replay (a
+    write from inside the backward pass) gets those states followed by its own new ones, exactly what the forward
+    got, and stores nothing. A layer's writes are replayed in reverse order (the response pass's before the
+    prompt pass's: the prompt's keys only get their gradient from the responses), so each layer keeps a stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.before: dict[int, list] = {}
+
+    def update(self, key_states: Tensor, value_states: Tensor, layer_idx: int, *args, **kwargs):
+        if torch._C._current_graph_task_id() != -1:  # the backward pass replaying a checkpointed layer
+            keys, values = self.before[layer_idx].pop()
+            if keys is None:
+                return key_states, value_states
+            return torch.cat([keys, key_states], -2), torch.cat([values, value_states], -2)
+        layer = self.layers[layer_idx] if layer_idx < len(self.layers) else None
+        held = (layer.keys, layer.values) if layer is not None and layer.is_initialized else (None, None)
+        self.before.setdefault(layer_idx, []).append(held)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _cache_under_checkpointing(model: nn.Module):
+    """Let the model's checkpointed layers keep the (replay-safe) cache they are given."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m in layers:
+            del m._can_checkpoint_with_cache  # back to the class's False
 
 
 @fsdp_entry
@@ -161,21 +201,26 @@ def shared_prompt_logprobs(model: nn.Module, prompts: dict, prompt_index: Tensor
     times. Here: prefill the distinct prompts with a KV cache (vision encoder once per image), select the
     cache rows for each response (differentiable: prompt gradients are summed over the group), then run
     only the response tokens. Same positions and masks as the decode, so the same log-probs up to float
-    rounding. Falls back to the full-sequence pass when gradient checkpointing would drop the cache.
+    rounding. Under gradient checkpointing too: the cache is then a `ReplayCache`, which the backward pass's
+    replay of each layer reads as the forward did.
     `with_entropy`: also the entropy at each response position, as in `response_logprobs`.
     """
-    if _checkpointing_drops_cache(model):
-        return response_logprobs(model, join_prompt_response(prompts, prompt_index, response_ids, response_mask),
-                                 chunk, with_entropy)
+    checkpointed = _checkpointed(model)
+    with _cache_under_checkpointing(model) if checkpointed else contextlib.nullcontext():
+        return _shared_prompt_logprobs(model, prompts, prompt_index, response_ids, response_mask, chunk, with_entropy,
+                                       ReplayCache() if checkpointed else None)
+
+
+def _shared_prompt_logprobs(model, prompts, prompt_index, response_ids, response_mask, chunk, with_entropy, cache):
     uniq, rows = torch.unique(prompt_index, return_inverse=True)
     empty = response_ids[:len(uniq), :0]
     batch = join_prompt_response(prompts, uniq, empty, empty.float())  # the distinct prompts alone
-    out = forward_hidden(model, batch, use_cache=True)
+    out = forward_hidden(model, batch, cache=cache, use_cache=True)
     # the last prompt position predicts response token 0
     parts = [head_logprobs(model, out.last_hidden_state[rows, -1:], response_ids[:, :1], chunk, with_entropy)]
     T = response_ids.shape[1]
     if T > 1:  # response tokens 0..T-2 predict tokens 1..T-1, attending to the cached prompt
-        cache = kv_cache(out)
+        cache = cache if cache is not None else kv_cache(out)  # (a checkpointed model returns none: use ours)
         cache.batch_select_indices(rows)
         pos = prompts["next_pos"][prompt_index, None] + torch.arange(T - 1, device=response_ids.device)
         step = dict(input_ids=response_ids[:, :-1],

@@ -223,3 +223,41 @@ def test_the_cache_holds_the_compute_dtype_under_master_weights(tiny_cache, tmp_
     assert next(policy.model.parameters()).dtype == torch.float32
     assert layer.keys.dtype == layer.values.dtype == torch.bfloat16
     assert ro.response_mask.sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["lm", "vlm"])
+def test_shared_prompt_under_gradient_checkpointing(kind, tiny_lm, tiny_vlm, tmp_path):
+    """With gradient checkpointing (the paper preset) each prompt is still computed once per group (the first decoder
+    layer sees the distinct prompts, then the responses), with the plain full-sequence pass's log-probs and
+    gradients: the backward replay of every layer reads the ReplayCache as the forward did."""
+    policy = fresh(tiny_lm if kind == "lm" else tiny_vlm, scale=0.05)
+    samples = text_samples(3) if kind == "lm" else colour_samples(tmp_path, ["red", "blue"])
+    ro = grpo.sample_groups(policy, samples, 3, 7, generator=torch.Generator().manual_seed(0))
+    inputs = (ro.prompts, ro.prompt_index, ro.response_ids, ro.response_mask)
+    mask = ro.response_mask
+    policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    policy.model.train()
+    decoder = policy.model.model.language_model if kind == "vlm" else policy.model.model
+    rows_seen = []
+    hook = decoder.layers[0].register_forward_pre_hook(lambda m, args, kw: rows_seen.append(
+        tuple((args[0] if args else kw["hidden_states"]).shape[:2])), with_kwargs=True)
+
+    def value_and_grad(fn):
+        policy.model.zero_grad()
+        lp = fn()
+        (lp * mask).sum().backward()
+        return lp.detach() * mask, {n: p.grad.clone() for n, p in policy.model.named_parameters() if p.grad is not None}
+
+    try:
+        plain, g_plain = value_and_grad(lambda: logprobs.plain_response_logprobs(policy.model,
+                                                                                 M.join_prompt_response(*inputs)))
+        rows_seen.clear()
+        shared, g_shared = value_and_grad(lambda: logprobs.shared_prompt_logprobs(policy.model, *inputs))
+    finally:
+        hook.remove()
+    n_prompts, L = ro.prompts["input_ids"].shape
+    assert rows_seen == [(n_prompts, L), (len(mask), mask.shape[1] - 1)]  # each prompt once, then the responses
+    assert torch.allclose(shared, plain, atol=1e-5)
+    assert g_shared.keys() == g_plain.keys()
+    for name in g_plain:
+        assert torch.allclose(g_shared[name], g_plain[name], atol=1e-5, rtol=1e-4), name
