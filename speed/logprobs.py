@@ -216,8 +216,7 @@ def _shared_prompt_logprobs(model, prompts, prompt_index, response_ids, response
     empty = response_ids[:len(uniq), :0]
     batch = join_prompt_response(prompts, uniq, empty, empty.float())  # the distinct prompts alone
     out = forward_hidden(model, batch, cache=cache, use_cache=True)
-    # the last prompt position predicts response token 0
-    parts = [head_logprobs(model, out.last_hidden_state[rows, -1:], response_ids[:, :1], chunk, with_entropy)]
+    hidden = out.last_hidden_state[rows, -1:]  # the last prompt position predicts response token 0
     T = response_ids.shape[1]
     if T > 1:  # response tokens 0..T-2 predict tokens 1..T-1, attending to the cached prompt
         cache = cache if cache is not None else kv_cache(out)  # (a checkpointed model returns none: use ours)
@@ -226,8 +225,6 @@ def _shared_prompt_logprobs(model, prompts, prompt_index, response_ids, response
         step = dict(input_ids=response_ids[:, :-1],
                     attention_mask=torch.cat([batch["attention_mask"][rows], response_mask[:, :-1].long()], 1),
                     position_ids=pos[None].expand(3, -1, -1) if batch["position_ids"].dim() == 3 else pos)
-        hidden = forward_hidden(model, step, cache=cache).last_hidden_state
-        parts.append(head_logprobs(model, hidden, response_ids[:, 1:], chunk, with_entropy))
-    if with_entropy:  # [N, T] log-probs and entropies, not a copy of the [N, T, vocab] logits
-        return tuple(torch.cat(p, 1) for p in zip(*parts))
-    return torch.cat(parts, 1)
+        hidden = torch.cat([hidden, forward_hidden(model, step, cache=cache).last_hidden_state], 1)
+    # one pass through the head: two would each hold a [vocab, hidden] weight-gradient in backward
+    return head_logprobs(model, hidden, response_ids, chunk, with_entropy)
