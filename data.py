@@ -38,7 +38,7 @@ from transit.metro import (LETTERS, QTYPES, TORF_QTYPES, TYPE_NAMES, Metro, Samp
                    route_plan, station_lines)
 from transit.released import TEST_CITIES  # the 11 cities the official evaluation reports on
 from transit.rows import RowError, row_to_sample
-from offline.synthetic import synthetic_dataset
+from offline.synthetic import DEMO_QUESTIONS, DEMO_TEST_FRACTION, synthetic_dataset
 
 SPLITS = ("train", "validation", "test")  # the split names a dataset folder may hold (files or DatasetDict keys)
 SYNTHETIC_CITIES = 60  # the default run's synthetic world: one pass over it is ~190 GRPO steps per Plus stage
@@ -303,7 +303,8 @@ def _folder_splits(path: str, eval_cities: tuple[str, ...] | None) -> tuple[list
 
 
 def load_data(data: str = "", cities: int = SYNTHETIC_CITIES, seed: int = 0, cache_dir: str | Path = CACHE_DIR,
-              eval_cities: tuple[str, ...] | None = TEST_CITIES) -> tuple[list[Sample], list[Sample]]:
+              eval_cities: tuple[str, ...] | None = TEST_CITIES, world: str = "default"
+              ) -> tuple[list[Sample], list[Sample]]:
     """(train, test) samples: the comma-separated dataset folders `data`, else the synthetic world.
 
     Each folder gives its `train` split (a note when it has none) and, for evaluation, its `test` split;
@@ -319,8 +320,9 @@ def load_data(data: str = "", cities: int = SYNTHETIC_CITIES, seed: int = 0, cac
     within one folder are left alone (that is the dataset as published). A note also counts evaluation
     questions that appear among the training questions.
 
-    The synthetic world (`cities` cities from `seed`) is generated once into `cache_dir` and read back
-    through `load_samples`, so it goes through the same loader as a released dataset."""
+    The synthetic world (`cities` cities from `seed`; `world` "demo": the learning demo's small text-only cities,
+    offline/synthetic.py) is generated once into `cache_dir` and read back through `load_samples`, so it goes
+    through the same loader as a released dataset."""
     if data:
         train: list[Sample] = []
         test: list[Sample] = []
@@ -341,10 +343,16 @@ def load_data(data: str = "", cities: int = SYNTHETIC_CITIES, seed: int = 0, cac
         if leaked:
             print(f"note: {leaked} of the {len(test)} evaluation questions also appear in the training data")
         return train, test
-    folder = Path(cache_dir) / f"synthetic-c{cities}-s{seed}"
+    if world == "demo":
+        folder = Path(cache_dir) / f"synthetic-demo-c{cities}-s{seed}"
+        make = lambda: synthetic_dataset(cities, seed, folder, DEMO_QUESTIONS, DEMO_TEST_FRACTION, world=world)  # noqa: E731
+    else:
+        folder = Path(cache_dir) / f"synthetic-c{cities}-s{seed}"
+        make = lambda: synthetic_dataset(cities, seed, folder, world=world)  # noqa: E731
     if not (folder / "test.jsonl").exists():
-        print(f"generating the synthetic dataset ({cities} cities) into {folder} (once; reused afterwards)")
-        export_dataset(synthetic_dataset(cities, seed, folder), folder)
+        print(f"generating the synthetic dataset ({cities} cities{', the demo world' if world == 'demo' else ''}) "
+              f"into {folder} (once; reused afterwards)")
+        export_dataset(make(), folder)
     return load_samples(folder, "train"), load_samples(folder, "test")
 
 

@@ -35,6 +35,7 @@ import model as models
 from scaling import lora
 import rewards
 from transit.metro import COUNT_QTYPES, PLUS_QTYPES, QUESTION_DIFFICULTIES, TORF_QTYPES, Metro, Sample, Segment, question_difficulty, via_stops
+from offline.synthetic import WORLDS
 from transit.released import official_correct, official_map_score  # the evaluators Table 1 used
 from rewards import transfer_count
 
@@ -380,19 +381,28 @@ img{{max-width:100%;border:1px solid #ddd}} td,th{{padding:2px 10px;text-align:r
     path.write_text(page, encoding="utf-8")
 
 
-def warn_if_other_data(model: str, data_flag: str, cities: int, seed: int) -> None:
+def world_of(model: str, data_flag: str) -> dict:
+    """The synthetic world a model folder was trained on (train.py records --cities, --seed, --world in it), which
+    eval.py evaluates unless its flags say otherwise: its held-out cities. Else (a base model, --data): the
+    default world."""
+    made = models.trained_on(model) or {}
+    default = {"cities": data.SYNTHETIC_CITIES, "seed": 0, "world": "default"}
+    return default if data_flag or made.get("data") else {k: made.get(k, v) for k, v in default.items()}
+
+
+def warn_if_other_data(model: str, data_flag: str, cities: int, seed: int, world: str = "default") -> None:
     """A warning when a model trained by train.py on one dataset is evaluated on synthetic data of another
-    --cities / --seed (or on synthetic data after training on --data): another world, whose questions it may have
-    trained on, so not its held-out test split."""
+    --cities / --seed / --world (or on synthetic data after training on --data): another world, whose questions it
+    may have trained on, so not its held-out test split."""
     made = models.trained_on(model)
     if made is None or data_flag:
         return
-    if made["data"] or (made["cities"], made["seed"]) != (cities, seed):
+    if made["data"] or (made["cities"], made["seed"], made.get("world", "default")) != (cities, seed, world):
         trained = f"--data {made['data']}" if made["data"] else f"the synthetic data of --cities {made['cities']} " \
-                                                                 f"--seed {made['seed']}"
+                                                                 f"--seed {made['seed']} --world {made.get('world', 'default')}"
         print(f"warning: {model} was trained on {trained}; this evaluates the synthetic data of --cities {cities} "
-              f"--seed {seed}, not its held-out split (its test questions may be among the ones it trained on): pass "
-              "the flags it was trained with", file=sys.stderr)
+              f"--seed {seed} --world {world}, not its held-out split (its test questions may be among the ones it "
+              "trained on): pass the flags it was trained with, or none", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -404,8 +414,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split", default="test", choices=("train", "test"),
                     help="test: the evaluation questions (a folder's test split, else its validation split's official "
                          "test cities); train: the training questions")
-    ap.add_argument("--cities", type=int, default=data.SYNTHETIC_CITIES, help="synthetic dataset: number of cities (as in train.py)")
-    ap.add_argument("--seed", type=int, default=0, help="synthetic dataset and tiny model seed (as in train.py)")
+    ap.add_argument("--cities", type=int, default=None, help="synthetic dataset: number of cities (default: what the "
+                    f"model folder was trained on, else {data.SYNTHETIC_CITIES})")
+    ap.add_argument("--seed", type=int, default=None, help="synthetic dataset and tiny model seed (default: the model "
+                    "folder's, else 0)")
+    ap.add_argument("--world", default=None, choices=WORLDS, help="synthetic world (default: the model folder's, else "
+                    "default; demo: the learning demo's text-only cities)")
     ap.add_argument("--cache-dir", default=data.CACHE_DIR, help="cache folder (as in train.py)")
     ap.add_argument("--limit", type=int, default=0, help="evaluate at most this many questions (a seeded subset; 0: all)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts per generation batch")
@@ -423,14 +437,17 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.qlora:  # before any data or model is loaded: a 4-bit base needs a CUDA GPU and bitsandbytes
         lora.check_qlora("cuda" if torch.cuda.is_available() else "cpu")
-    train, test = data.load_data(a.data, a.cities, a.seed, a.cache_dir)
+    remembered = world_of(a.model, a.data)
+    a.cities, a.seed, a.world = (remembered[k] if v is None else v for k, v in
+                                 (("cities", a.cities), ("seed", a.seed), ("world", a.world)))
+    train, test = data.load_data(a.data, a.cities, a.seed, a.cache_dir, world=a.world)
     samples = train if a.split == "train" else test
     if a.limit and a.limit < len(samples):
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
     policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir, max_pixels=a.max_pixels,
                                dtype=models.compute_dtype(a.dtype), qlora=a.qlora)
-    warn_if_other_data(a.model, a.data, a.cities, a.seed)
+    warn_if_other_data(a.model, a.data, a.cities, a.seed, a.world)
     plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
     summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,
                        batch_size=a.batch_size, long=a.long)

@@ -60,14 +60,20 @@ def load_model(name: str, train_samples=(), seed: int = 0, cache_dir: str | Path
                gradient_checkpointing: bool = False, dtype: torch.dtype | None = None,
                master_weights: bool = False, qlora: bool = False) -> Policy:
     """The policy that train.py trains and eval.py evaluates: `name` "tiny" builds the tiny model (its
-    tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`), anything else is a
+    tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`; a text-only model of
+    `tiny_model.TEXT_SHAPE` when no training sample has an image), anything else is a
     checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget;
     `dtype` (default: `compute_dtype()`), `master_weights` and `qlora` as in `load_policy`."""
     size = {"max_pixels": max_pixels} if max_pixels else {}
     precision = dict(dtype=dtype or compute_dtype(), master_weights=master_weights, qlora=qlora)
-    if name == "tiny":
-        return build_tiny_policy(seed=seed, corpus=tiny_model.tokenizer_corpus(train_samples),
-                                 cache_dir=str(Path(cache_dir) / "tiny-model"), **size, **precision)
+    if name == "tiny":  # a text model where the data has no images (the demo world): it reads the map as text
+        text_only = bool(train_samples) and not any(s.image for s in train_samples)
+        corpus = tiny_model.tokenizer_corpus(train_samples)
+        if text_only:
+            corpus += sorted({metro_as_text(s.metro) for s in train_samples if s.metro})
+        return build_tiny_policy(seed=seed, corpus=corpus, cache_dir=str(Path(cache_dir) / "tiny-model"),
+                                 text_only=text_only, **({} if text_only else size), **precision,
+                                 **(tiny_model.TEXT_SHAPE if text_only else {}))
     return load_policy(name, gradient_checkpointing=gradient_checkpointing, **size, **precision)
 
 

@@ -29,6 +29,7 @@ import grpo
 import model as models
 import rewards
 from data import CACHE_DIR, SYNTHETIC_CITIES
+from offline.synthetic import DEMO_CITIES, WORLDS
 from plumbing import checkpoints, cli, flags, report, run_folder, signals
 from scaling import distributed, lora, precision
 from variants import sft
@@ -52,8 +53,10 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     """dataset folder(s), comma-separated (our export, or ReasonMap-Plus,ReasonMap-Train copies); empty: synthetic maps"""
     cities: int = SYNTHETIC_CITIES
     """synthetic dataset: number of cities (generated once into --cache-dir, reused afterwards)"""
+    world: str = field(default="default", metadata={"choices": WORLDS})
+    """synthetic dataset: default (cities drawn as map images) | demo (many small cities, no images: the tiny model is then a text model that reads each map as text; --preset demo, docs/demo.md)"""
     preset: str = ""
-    """'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16) | 'released': the authors' training script | 'sft-rl': the authors' SFT, then RL (no curriculum: their loader shuffles)"""
+    """'demo': the learning demo (a text-only tiny model on the demo world, into runs/demo; docs/demo.md) | 'paper': the paper's hyperparameters (Qwen2.5-VL-7B-Instruct, lr 1e-6, 16x8, 2048 tokens, bf16) | 'released': the authors' training script | 'sft-rl': the authors' SFT, then RL (no curriculum: their loader shuffles)"""
     # ---- optimisation
     batch_size: int = 8
     """prompts per GRPO step"""
@@ -165,6 +168,11 @@ PRESETS = {
 # undoes the curriculum: --curriculum none
 PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
                          sft_data="released", curriculum="none")
+# the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, an SFT
+# cold start, then GRPO over the curriculum; ~N min on a 2-core CPU from an empty cache
+PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=1500, sft_lr=3e-3, sft_batch_size=32,
+                       lr=3e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=8, planning_max_new_tokens=64,
+                       max_steps_per_stage=40)
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
 
@@ -244,7 +252,7 @@ def budgets(cfg: TrainConfig) -> tuple[int, int]:
 
 def trained_on(cfg: TrainConfig) -> dict:
     """What a saved policy records of its training data (model.trained_on; eval.py warns on other synthetic data)."""
-    return {"data": cfg.data, "cities": cfg.cities, "seed": cfg.seed}
+    return {"data": cfg.data, "cities": cfg.cities, "seed": cfg.seed, "world": cfg.world}
 
 
 def stage_config(cfg: TrainConfig, stage: str) -> TrainConfig:
@@ -389,7 +397,7 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     with distributed.main_first():  # rank 0 fills the cache (synthetic maps, tiny model); the others read it
-        train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
+        train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir, world=cfg.world)
         stages = selected_stages(cfg, train_samples)  # a stage without questions: an error before the model loads
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                    cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)

@@ -241,17 +241,18 @@ def _layout(rng: random.Random, level: dict) -> tuple[list[list[Node]], list[int
     raise RuntimeError("could not lay out a network; the grid is too small for the level")
 
 
-def generate_city(seed: int, difficulty: str = "middle") -> City:
+def generate_city(seed: int, difficulty: str = "middle", level: dict | None = None) -> City:
     """A deterministic synthetic city for (seed, difficulty).
 
     Lines have distinct vivid colours and names ("Line 3" or "Red Line"), stations have unique
     pronounceable names ending in " Station", interchanges are stations shared by several lines, and
     middle / hard maps may have a circle line (stored with its first station repeated at the end, as
-    in the real Shanghai Line 4).
+    in the real Shanghai Line 4). `level`: the network's sizes, in place of LEVELS[difficulty] (the demo world's
+    smaller cities, synthetic.DEMO_LEVELS).
     """
     if difficulty not in LEVELS:
         raise ValueError(f"difficulty must be one of {list(LEVELS)}, got {difficulty!r}")
-    level = LEVELS[difficulty]
+    level = level or LEVELS[difficulty]
     # str seeds go through sha512 in `random`, so this is stable across processes and platforms
     rng = random.Random(f"rewardmap-city:{seed}:{difficulty}")
     lines, loops = _layout(rng, level)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from offline.maps import generate_city, render_map
+from offline.maps import generate_city, make_word, render_map
 from transit.metro import (LETTERS, MAP_DIFFICULTIES, QTYPES, Metro, Sample, best_route, question_difficulty, route_plan,
                    route_text, station_lines, via_stops)
 
@@ -226,27 +226,70 @@ def split_by_city(samples: list[Sample], test_fraction: float = 0.37, seed: int 
     return [s for s in samples if s.split == "train"], [s for s in samples if s.split == "test"]
 
 
+WORLDS = ("default", "demo")
+"""The synthetic worlds: `default`, cities drawn as map images (offline/maps.py's LEVELS); `demo`, the learning
+demo's (docs/demo.md): many small networks read as text, for a small text model to learn from (DEMO_LEVELS)."""
+DEMO_LEVELS = {
+    "easy": dict(lines=(2, 2), stations=(4, 6), grid=(6, 5), spacing=84, loop_p=0.0, width=16, font=17),
+    "middle": dict(lines=(2, 3), stations=(4, 6), grid=(6, 6), spacing=84, loop_p=0.0, width=16, font=17),
+    "hard": dict(lines=(3, 4), stations=(4, 6), grid=(7, 6), spacing=84, loop_p=0.0, width=16, font=17),
+}
+"""The demo world's networks: 2 to 4 lines of 4 to 6 stations, no circle lines; a city's map is ~60 tokens of text."""
+DEMO_CITIES = 3000
+"""The demo's number of cities (train.py --preset demo): ~63,000 questions, generated in seconds (no images)."""
+DEMO_NAME_POOL = 300
+"""The demo world's station names: 300 one-word names shared by every city, each station of a city one of them
+(drawn per city), so that a small tokenizer gives each name one token and the names say nothing of the lines."""
+DEMO_QUESTIONS = 4
+"""Questions of each type per demo city (one counting3): counting2 asks half of them at interchanges, which a small
+network has few of, so more questions per city would make "1" the answer of most."""
+DEMO_TEST_FRACTION = 0.1
+"""The demo world's held-out cities (a tenth of many cities is still hundreds)."""
+
+
+def demo_names(n: int = DEMO_NAME_POOL) -> list[str]:
+    """The demo world's pool of `n` station names: two-syllable made-up words of at most 9 letters, the same pool
+    for every seed."""
+    rng, names, seen = random.Random("rewardmap-demo-names"), [], set()
+    while len(names) < n:
+        word = make_word(rng, (2, 2))
+        if word.lower() not in seen and len(word) <= 9:
+            seen.add(word.lower())
+            names.append(word)
+    return names
+
+
 def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_per_type: int = 20,
-                      test_fraction: float = 0.37, progress: bool = True) -> list[Sample]:
+                      test_fraction: float = 0.37, progress: bool = True, world: str = "default") -> list[Sample]:
     """Generate `n_cities` synthetic cities, draw their maps under `out_dir/maps/`, ask questions.
 
     Map difficulty cycles easy, middle, hard, so every difficulty appears from 3 cities on. Each city
     gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
     too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
-    samples and byte-identical PNGs.
+    samples and byte-identical PNGs. `world` "demo": DEMO_LEVELS' small networks, their stations renamed from
+    `demo_names()`, and no images (the map is read as text: model.metro_as_text).
     """
+    if world not in WORLDS:
+        raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
     out_dir = Path(out_dir)
+    pool = demo_names() if world == "demo" else []
     samples: list[Sample] = []
     slugs: set[str] = set()
     for i in tqdm(range(n_cities), desc="cities", disable=not progress or n_cities < 5):
         difficulty = MAP_DIFFICULTIES[i % len(MAP_DIFFICULTIES)]
-        city = generate_city(zlib.crc32(f"{seed}:{i}".encode()), difficulty)
+        city = generate_city(zlib.crc32(f"{seed}:{i}".encode()), difficulty, DEMO_LEVELS[difficulty] if pool else None)
         slug = city.slug if city.slug not in slugs else f"{city.slug}{i}"
         slugs.add(slug)
-        image = out_dir / "maps" / f"{slug}.png"
-        render_map(city, image)
         rng = random.Random(f"rewardmap-questions:{seed}:{i}")
-        samples += make_questions(city.metro, rng, questions_per_type, city=slug, country="synthetic",
-                                  image=str(image), map_difficulty=difficulty)
+        metro, image = city.metro, None
+        if pool:
+            stations = sorted({s for line in metro.values() for s in line})
+            name = dict(zip(stations, rng.sample(pool, len(stations))))
+            metro = {line: [name[s] for s in line_stations] for line, line_stations in metro.items()}
+        else:
+            image = out_dir / "maps" / f"{slug}.png"
+            render_map(city, image)
+        samples += make_questions(metro, rng, questions_per_type, city=slug, country="synthetic",
+                                  image=str(image) if image else None, map_difficulty=difficulty)
     split_by_city(samples, test_fraction, seed)
     return samples

@@ -25,6 +25,13 @@ TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, VIDEO_TOKEN]
+QWEN2_PRETOKENIZE_REGEX = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                           r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+"""transformers' Qwen2Tokenizer's pre-split (its PRETOKENIZE_REGEX): a text-only tiny model is loaded back as one,
+which splits with this whatever the saved tokenizer says, so the text-only tokenizer is trained with it too."""
+TEXT_SHAPE = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
+"""The text-only tiny model's shape (the demo world's: docs/demo.md), ~0.7M parameters; a vocabulary of 2048 gives
+each of the demo's 300 station names one token."""
 # Qwen2-VL's chat template, minus the default system prompt (shorter prompts for the tiny model).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -67,7 +74,7 @@ def builtin_corpus() -> list[str]:
     return out
 
 
-def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
+def build_tokenizer(corpus: list[str], vocab_size: int = 1024, pre_split: bool = False):
     """Byte-level BPE trained on `corpus`, with Qwen's chat/vision special tokens.
 
     Unlike Qwen's tokenizer there is no regex pre-split (`use_regex=False`), so merges may cross spaces
@@ -75,12 +82,21 @@ def build_tokenizer(corpus: list[str], vocab_size: int = 1024):
     tokens and template sentences a few tokens. A random-init model then emits a well-formed answer by
     chance often enough (about 1 token in vocab_size) for GRPO to find a reward signal from step one;
     with Qwen's split, `\\boxed{yes}` is 5 tokens and a random model essentially never writes it.
+    `pre_split` (the text-only model): Qwen2's regex pre-split, which transformers applies to a text model loaded
+    back whatever the saved tokenizer says; each word then keeps its own tokens wherever it stands (the demo's
+    station names, one token each), and the SFT, not chance, teaches the answer format.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    if pre_split:  # Qwen2's own pre-tokenizer: NFC, its regex split (words with their leading space), bytes
+        tok.normalizer = normalizers.NFC()
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(QWEN2_PRETOKENIZE_REGEX), behavior="isolated", invert=False), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -113,12 +129,14 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
                  hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads, num_kv_heads=num_kv_heads,
                  intermediate_size=intermediate_size, vision_depth=vision_depth, vision_hidden=vision_hidden,
                  patch_size=patch_size, max_pixels=max_pixels, min_pixels=min_pixels, text_only=text_only)
+    if text_only:
+        knobs["pre_split"] = "qwen2"
     key = hashlib.sha256(json.dumps(knobs, sort_keys=True).encode()).hexdigest()[:16]
     path = Path(cache_dir) / f"{'qwen2' if text_only else 'qwen2_5_vl'}-{key}"
     if not (path / "config.json").exists():
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2Config, Qwen2ForCausalLM
 
-        tok = build_tokenizer(builtin_corpus() + list(corpus or []), vocab_size)
+        tok = build_tokenizer(builtin_corpus() + list(corpus or []), vocab_size, pre_split=text_only)
         ids = tok.convert_tokens_to_ids
         text = dict(vocab_size=len(tok), hidden_size=hidden_size, intermediate_size=intermediate_size,
                     num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,

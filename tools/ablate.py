@@ -144,7 +144,7 @@ def summarise_run(folder: Path, stage_names: list[str]) -> dict:
 def final_eval(cfg: train.TrainConfig, folder: Path) -> dict:
     """The final model of a run on a held-out sample of every question kind: `cfg.eval_samples` questions of
     the test split drawn as train.py draws its end-of-stage samples, so every row of a seed gets the same ones."""
-    train_samples, test = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir)
+    train_samples, test = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir, world=cfg.world)
     probe = train.held_out(test, set(QTYPES), cfg.eval_samples, cfg.seed)
     policy = models.load_model(str(folder / "model"), train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
                                dtype=models.compute_dtype(cfg.dtype))

@@ -1,0 +1,42 @@
+"""The learning demo (`train.py --preset demo`, docs/demo.md), short: its world, its text-only model, and a trained
+folder that eval.py evaluates on the held-out cities of the world it was trained on."""
+import json
+
+import data
+import eval as evaluation
+import model as models
+import train
+from offline import synthetic
+
+SHORT = ["--preset", "demo", "--cities", "30", "--sft", "30", "--max-steps-per-stage", "2", "--batch-size", "4",
+         "--group-size", "2", "--eval-samples", "12"]
+
+
+def test_demo_world_is_small_text_only_cities_with_one_token_names(tmp_path):
+    train_samples, test = data.load_data("", 30, 0, tmp_path, world="demo")
+    assert not any(s.image for s in train_samples + test)
+    assert {s.city for s in train_samples}.isdisjoint({s.city for s in test}) and len({s.city for s in test}) == 3
+    pool = set(synthetic.demo_names())
+    for s in train_samples:
+        assert 2 <= len(s.metro) <= 4 and all(4 <= len(st) <= 6 for st in s.metro.values())
+        assert {st for line in s.metro.values() for st in line} <= pool
+    policy = models.load_model("tiny", train_samples, cache_dir=tmp_path)
+    assert not policy.is_vlm  # the map is read as text
+    assert "Line 1:" in models.chat_text(policy, train_samples[0])
+    names = sorted(pool & {st for s in train_samples for line in s.metro.values() for st in line})
+    assert all(len(policy.tokenizer.tokenize(" " + n)) == 1 for n in names)  # each name one token
+
+
+def test_demo_preset_trains_into_runs_demo_and_eval_uses_its_world(tmp_path, monkeypatch):
+    cfg = train.parse_args(["--preset", "demo"])
+    assert (cfg.world, cfg.out, cfg.model) == ("demo", "runs/demo", "tiny")
+    out = tmp_path / "demo"
+    train.main(SHORT + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")])
+    made = json.loads((out / "config.json").read_text())
+    assert made["world"] == "demo" and made["cities"] == 30
+    # no --cities / --world / --seed: the folder's own world, its held-out cities, with each type's answer prior
+    summary = evaluation.main(["--model", str(out / "model"), "--cache-dir", str(tmp_path / "cache")])
+    _, test = data.load_data("", 30, 0, tmp_path / "cache", world="demo")
+    assert summary["n"] == len(test)
+    written = json.loads((out / "model" / "eval.json").read_text())
+    assert set(written["priors"]) == set(written["per_type_accuracy"]) == {s.qtype for s in test}
