@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> dict:
         samples = random.Random(a.seed).sample(samples, a.limit)
     # the tiny model's tokenizer is trained on the training split, exactly as train.py builds it
     policy = models.load_model(a.model, train, seed=a.seed, cache_dir=a.cache_dir, max_pixels=a.max_pixels,
-                               dtype=models.compute_dtype(a.dtype), qlora=a.qlora)
+                               dtype=models.compute_dtype(a.dtype), qlora=a.qlora, world=a.world)
     warn_if_other_data(a.model, a.data, a.cities, a.seed, a.world)
     plus_tokens, planning_tokens = models.token_budgets(a.model, a.max_new_tokens, a.planning_max_new_tokens)
     summary = evaluate(policy, samples, max_new_tokens=plus_tokens, planning_max_new_tokens=planning_tokens,

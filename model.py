@@ -25,6 +25,7 @@ from offline.tiny_model import IMAGE_TOKEN, VIDEO_TOKEN  # noqa: F401
 from scaling import lora
 from scaling.distributed import fsdp_entry
 from scaling.precision import autocast
+from transit.metro import station_lines
 
 # Response-token budgets of the tiny default: a whole boxed answer is one token of its tokenizer, a route
 # block about 48 (a real model answers in text: the paper allows 2,048).
@@ -52,25 +53,35 @@ class Policy:
     eos_id: int  # end of turn (<|im_end|>)
     pad_id: int
     images: OrderedDict = field(default_factory=OrderedDict, repr=False, compare=False)  # `image_inputs`' cache
+    map_text: str = "line"  # a text model's map: "line" (by line) or "station" (by station: the demo world's)
 
 
 # ----------------------------------------------------------------------------- loading and saving
 
 def load_model(name: str, train_samples=(), seed: int = 0, cache_dir: str | Path = ".cache", max_pixels: int = 0,
                gradient_checkpointing: bool = False, dtype: torch.dtype | None = None,
-               master_weights: bool = False, qlora: bool = False) -> Policy:
+               master_weights: bool = False, qlora: bool = False, world: str = "default") -> Policy:
     """The policy that train.py trains and eval.py evaluates: `name` "tiny" builds the tiny model (its
     tokenizer trained on `train_samples`, cached under `cache_dir/tiny-model`; a text-only model of
     `tiny_model.TEXT_SHAPE` when no training sample has an image), anything else is a
     checkpoint folder or hub id for `load_policy`. `max_pixels` 0 keeps the model's image budget;
-    `dtype` (default: `compute_dtype()`), `master_weights` and `qlora` as in `load_policy`."""
+    `dtype` (default: `compute_dtype()`), `master_weights` and `qlora` as in `load_policy`. `world` "demo": a text
+    model is shown each map by station (`metro_as_text`), the demo world's input mode."""
+    policy = _load_model(name, train_samples, seed, cache_dir, max_pixels, gradient_checkpointing, dtype,
+                         master_weights, qlora)
+    policy.map_text = "station" if world == "demo" else "line"
+    return policy
+
+
+def _load_model(name, train_samples, seed, cache_dir, max_pixels, gradient_checkpointing, dtype, master_weights,
+                qlora) -> Policy:
     size = {"max_pixels": max_pixels} if max_pixels else {}
     precision = dict(dtype=dtype or compute_dtype(), master_weights=master_weights, qlora=qlora)
     if name == "tiny":  # a text model where the data has no images (the demo world): it reads the map as text
         text_only = bool(train_samples) and not any(s.image for s in train_samples)
         corpus = tiny_model.tokenizer_corpus(train_samples)
         if text_only:
-            corpus += sorted({metro_as_text(s.metro) for s in train_samples if s.metro})
+            corpus += sorted({metro_as_text(s.metro, by) for s in train_samples if s.metro for by in MAP_TEXTS})
         return build_tiny_policy(seed=seed, corpus=corpus, cache_dir=str(Path(cache_dir) / "tiny-model"),
                                  text_only=text_only, **({} if text_only else size), **precision,
                                  **(tiny_model.TEXT_SHAPE if text_only else {}))
@@ -280,9 +291,19 @@ def save_policy(policy: Policy, out_dir: str | Path, dtype: torch.dtype | None =
 # ----------------------------------------------------------------------------- prompts
 
 
-def metro_as_text(metro: dict[str, list[str]]) -> str:
-    """The map as text for text-only models: one line per metro line with its stations in order."""
-    return "\n".join(f"{line}: {', '.join(stations)}" for line, stations in metro.items())
+MAP_TEXTS = ("line", "station")
+
+
+def metro_as_text(metro: dict[str, list[str]], by: str = "line") -> str:
+    """The map as text for text-only models. `by` "line": one line per metro line with its stations in order;
+    "station": one line per station with the lines through it (`Alder: Line 1, Line 3`), stations in the order the
+    lines list them first. The demo world's model reads the second (docs/demo.md): the questions it answers ask
+    which lines a station is on, and its working (variants/sft.working) copies the station's line of the map."""
+    if by == "line":
+        return "\n".join(f"{line}: {', '.join(stations)}" for line, stations in metro.items())
+    if by != "station":
+        raise ValueError(f"metro_as_text: by must be one of {', '.join(MAP_TEXTS)}, got {by!r}")
+    return "\n".join(f"{station}: {', '.join(lines)}" for station, lines in station_lines(metro).items())
 
 
 def chat_text(policy: Policy, sample) -> str:
@@ -291,7 +312,8 @@ def chat_text(policy: Policy, sample) -> str:
         # the released dataset's user turn, "<image>\n" + question.strip(): the image, a newline, the question
         content = [{"type": "image"}, {"type": "text", "text": "\n" + sample.question.strip()}]
     else:
-        content = f"{metro_as_text(sample.metro)}\n\n{sample.question}" if sample.metro else sample.question
+        content = f"{metro_as_text(sample.metro, policy.map_text)}\n\n{sample.question}" if sample.metro \
+            else sample.question
     return policy.tokenizer.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                                 add_generation_prompt=True)
 

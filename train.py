@@ -7,8 +7,9 @@
 
 Read `TrainConfig` (every flag, with its help: `python train.py --help`), then `train`, the loop: set up the run,
 then for each stage of the curriculum its GRPO steps (grpo.grpo_step), then export the model. Outputs in --out:
-config.json, metrics.jsonl (one line per GRPO step), checkpoints/ (plumbing/checkpoints.py), model/ (the final
-policy), curves.png, eval_<stage>.json (end-of-stage evaluation). The method is written down in docs/rewardmap.md.
+config.json, metrics.jsonl (one line per GRPO step), evals.jsonl (one line per held-out evaluation), checkpoints/
+(plumbing/checkpoints.py), model/ (the final policy), curves.png, eval_<stage>.json (end-of-stage evaluation). The
+method is written down in docs/rewardmap.md.
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     sft_batch_size: int = 16
     """questions per SFT step, each of a uniformly drawn type"""
     sft_data: str = "all"
-    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers)"""
+    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with a line of working before torf and counting2 answers: the asked stations' lines of the map, variants/sft.working; the demo's)"""
     max_steps_per_stage: int = 0
     """cap on GRPO steps per stage (0: one pass over the stage's data)"""
     # ---- model, precision, LoRA (scaling/)
@@ -170,9 +171,9 @@ PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_ran
                          sft_data="released", curriculum="none")
 # the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, an SFT
 # cold start, then GRPO over the curriculum; ~N min on a 2-core CPU from an empty cache
-PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=1500, sft_lr=3e-3, sft_batch_size=32,
-                       lr=3e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=8, planning_max_new_tokens=64,
-                       max_steps_per_stage=40)
+PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=2000, sft_lr=3e-3, sft_batch_size=16,
+                       sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=32,
+                       planning_max_new_tokens=64, max_steps_per_stage=40)
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
 
@@ -349,7 +350,7 @@ def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> d
             bar.update(1)
             stop_if_diverged(run, metrics)
             if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe:
-                evaluate(run, probe, progress=False)
+                evaluate(run, probe, progress=False, during=name)
             last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
             if cfg.save_every and run.position["global_step"] % cfg.save_every == 0 and not last:
                 save(run)
@@ -400,7 +401,7 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
         train_samples, test_samples = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir, world=cfg.world)
         stages = selected_stages(cfg, train_samples)  # a stage without questions: an error before the model loads
         policy = models.load_model(cfg.model, train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
-                                   cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora)
+                                   cfg.gradient_checkpointing, *precision_of(cfg), qlora=cfg.qlora, world=cfg.world)
     if cfg.max_prompt_tokens:  # the released cap: longer prompts are dropped, and said so
         train_samples = models.drop_long_prompts(policy, train_samples, cfg.max_prompt_tokens, distributed.is_main())
         stages = selected_stages(cfg, train_samples, f" left by --max-prompt-tokens {cfg.max_prompt_tokens}")
@@ -420,11 +421,13 @@ def start_run(cfg: TrainConfig, folder: run_folder.Folder) -> Run:
         if reference is not None:
             distributed.shard(reference)
     if ckpt is not None and not cfg.lora_rank and distributed.world() == 1:  # the checkpoint's weights
-        device, pixels = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels)
+        device, pixels, map_text = policy.device, dict(max_pixels=policy.max_pixels, min_pixels=policy.min_pixels), \
+            policy.map_text
         del policy  # the reference keeps the initial weights; never hold three models at once
         dtype, master = precision_of(cfg)
         policy = models.load_policy(str(ckpt), device=device, dtype=dtype, master_weights=master,
                                     gradient_checkpointing=cfg.gradient_checkpointing, **pixels)
+        policy.map_text = map_text
     dtype, master = precision_of(cfg)
     optimizer = precision.make_optimizer(policy.model, cfg.lr, cfg.weight_decay, eight_bit=cfg.eight_bit_adam,
                                          stochastic_rounding=dtype != torch.float32 and not master and not cfg.lora_rank,
@@ -502,7 +505,8 @@ def restore(run: Run, ckpt: Path, state: dict) -> None:
     random.setstate(rng["python_rng"])
     run.position = state["position"]
     if run.main:
-        checkpoints.truncate_metrics(run.out / "metrics.jsonl", run.position["global_step"])
+        for log in ("metrics.jsonl", "evals.jsonl"):
+            checkpoints.truncate_metrics(run.out / log, run.position["global_step"])
         print(f"resumed from {ckpt} at stage {run.position['stage_index']} step {run.position['step_in_stage']}")
 
 
@@ -541,11 +545,16 @@ def held_out(test: list, qtypes: set[str], n: int, seed: int) -> list:
     return pool if n <= 0 or n >= len(pool) else random.Random(f"{seed}:eval").sample(pool, n)
 
 
-def evaluate(run: Run, probe: list, stage: str = "", progress: bool = True) -> dict:
+def evaluate(run: Run, probe: list, stage: str = "", progress: bool = True, during: str = "") -> dict:
     """Greedy evaluation on the held-out `probe` (eval.py's metrics); at a stage's end (`stage`) also written to
-    eval_<stage>.json."""
+    eval_<stage>.json. Every evaluation, a stage's end or `--eval-every`'s during stage `during`, adds a line to
+    evals.jsonl (the summary without its records), so that a stage's held-out curve can be read afterwards."""
     summary = evaluation.evaluate(run.policy, probe, run.cfg, *budgets(run.cfg), progress=progress and run.main)
     if run.main:
+        line = {"global_step": run.position["global_step"], "stage": stage or during, "stage_end": bool(stage),
+                **{k: v for k, v in summary.items() if k != "records"}}
+        with open(run.out / "evals.jsonl", "a") as f:
+            f.write(cli.dumps(line) + "\n")
         if stage:
             (run.out / f"eval_{stage}.json").write_text(cli.dumps(summary, indent=2) + "\n")
         (print if stage else tqdm.write)(
@@ -590,7 +599,7 @@ def export(run: Run) -> None:
     metrics = out / "metrics.jsonl"
     if metrics.exists() and not (out / "curves.png").exists():  # each stage's end already drew the curves
         report.plot_curves(metrics, out / "curves.png")
-    print(f"done in {time.time() - run.started:.0f} s: model in {out / 'model'}, metrics in {metrics}, "
+    print(f"done ({time.time() - run.started:.0f} s of GRPO): model in {out / 'model'}, metrics in {metrics}, "
           f"curves in {out / 'curves.png'}")
 
 

@@ -22,7 +22,10 @@ def test_demo_world_is_small_text_only_cities_with_one_token_names(tmp_path):
         assert {st for line in s.metro.values() for st in line} <= pool
     policy = models.load_model("tiny", train_samples, cache_dir=tmp_path)
     assert not policy.is_vlm  # the map is read as text
-    assert "Line 1:" in models.chat_text(policy, train_samples[0])
+    assert "Line 1:" in models.chat_text(policy, train_samples[0])  # by line: the text models' default
+    demo = models.load_model("tiny", train_samples, cache_dir=tmp_path, world="demo")
+    assert demo.map_text == "station" and models.metro_as_text(train_samples[0].metro, "station") in \
+        models.chat_text(demo, train_samples[0])
     names = sorted(pool & {st for s in train_samples for line in s.metro.values() for st in line})
     assert all(len(policy.tokenizer.tokenize(" " + n)) == 1 for n in names)  # each name one token
 
@@ -33,7 +36,10 @@ def test_demo_preset_trains_into_runs_demo_and_eval_uses_its_world(tmp_path, mon
     out = tmp_path / "demo"
     train.main(SHORT + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     made = json.loads((out / "config.json").read_text())
-    assert made["world"] == "demo" and made["cities"] == 30
+    assert made["world"] == "demo" and made["cities"] == 30 and made["sft_data"] == "working"
+    evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
+    assert [(e["stage"], e["stage_end"]) for e in evals] == [(s, True) for s in ("judgement", "counting", "planning")]
+    assert evals[-1]["planning"]["n"] > 0 and "weighted_map_score" in evals[-1]["planning"]
     # no --cities / --world / --seed: the folder's own world, its held-out cities, with each type's answer prior
     summary = evaluation.main(["--model", str(out / "model"), "--cache-dir", str(tmp_path / "cache")])
     _, test = data.load_data("", 30, 0, tmp_path / "cache", world="demo")

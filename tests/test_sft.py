@@ -23,6 +23,27 @@ def test_answer_targets():
     assert sft.answer_target(plus_sample("counting1", "B"), data="released") == "B"  # the authors' SFT data: bare
 
 
+def test_working_copies_each_asked_stations_line_of_the_map_by_station():
+    """variants/sft.working, the demo's: the asked stations' lines exactly as model.metro_as_text(..., "station")
+    writes them, then the boxed answer; other types get none."""
+    import model
+    from transit.metro import Sample
+
+    metro = {"Line 1": ["Alder", "Birch", "Cedar"], "Line 2": ["Dove", "Birch", "Elm"]}
+    ask = lambda qtype, answer, **kw: Sample(id="x", qtype=qtype, question="?", answer=answer, image=None,  # noqa: E731
+                                             metro=metro, **kw)
+    by_station = model.metro_as_text(metro, "station").splitlines()
+    assert by_station == ["Alder: Line 1", "Birch: Line 1, Line 2", "Cedar: Line 1", "Dove: Line 2", "Elm: Line 2"]
+    assert sft.answer_target(ask("torf2", "no", station_1="Alder", line="Line 2"), "working") == \
+        "Alder: Line 1\n\\boxed{no}"
+    assert sft.answer_target(ask("counting2", "2", station_1="Birch"), "working") == "Birch: Line 1, Line 2\n\\boxed{2}"
+    assert sft.answer_target(ask("torf1", "no", station_1="Alder", station_2="Elm"), "working") == \
+        "Alder: Line 1\nElm: Line 2\n\\boxed{no}"
+    assert sft.answer_target(ask("counting3", "2"), "working") == "\\boxed{2}"
+    assert sft.working(ask("counting1", "A", station_1="Alder", station_2="Cedar")) == ""
+    assert all(line in by_station for line in sft.working(ask("counting2", "2", station_1="Birch")).splitlines())
+
+
 def test_learning_rate_warms_up_then_follows_a_cosine():
     """10 steps at peak 1.0: warmup over ceil(0.1 x 10) = 1 step, then 0.5 (1 + cos(pi k / 9)) for k = 0..8."""
     assert sft.lr_at(0, 10, 1.0) == 1.0  # the one warmup step reaches the peak
@@ -60,6 +81,9 @@ def test_sft_draws_question_types_evenly_and_released_data_is_plus_only(tiny_vlm
     seen.clear()
     sft.sft(fresh(tiny_vlm), samples, steps=5, lr=1e-3, batch_size=4, seed=0, data="released")
     assert set(seen) == {"torf1"}  # the authors' SFT data has no planning questions
+    seen.clear()
+    sft.sft(fresh(tiny_vlm), samples, steps=5, lr=1e-3, batch_size=4, seed=0, data="working")
+    assert set(seen) == {"torf1", "planning"}  # the demo's: every type, as "all"
 
 
 @pytest.mark.parametrize("lora_rank", ["0", "4"])

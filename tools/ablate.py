@@ -147,7 +147,7 @@ def final_eval(cfg: train.TrainConfig, folder: Path) -> dict:
     train_samples, test = data.load_data(cfg.data, cfg.cities, cfg.seed, cfg.cache_dir, world=cfg.world)
     probe = train.held_out(test, set(QTYPES), cfg.eval_samples, cfg.seed)
     policy = models.load_model(str(folder / "model"), train_samples, cfg.seed, cfg.cache_dir, cfg.max_pixels,
-                               dtype=models.compute_dtype(cfg.dtype))
+                               dtype=models.compute_dtype(cfg.dtype), world=cfg.world)
     summary = evaluation.evaluate(policy, probe, cfg, *train.budgets(cfg), progress=False)
     return {**accuracies(summary), "n": summary["n"], "per_type": summary["per_type_accuracy"],
             "ids": [s.id for s in probe]}

@@ -36,22 +36,37 @@ from tqdm import tqdm
 from model import Policy, encode_prompts, join_prompt_response
 from scaling import lora
 from speed.logprobs import response_logprobs
-from transit.metro import PLUS_QTYPES
+from transit.metro import PLUS_QTYPES, station_lines
 
 STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
-VERSION = 1  # bump when what `sft` computes changes (part of the key of a cached SFT)
+VERSION = 2  # bump when what `sft` computes changes (part of the key of a cached SFT)
 WARMUP = 0.1  # the authors' warmup_ratio
 MAX_GRAD_NORM = 1.0
-DATA = ("all", "released")
+DATA = ("all", "released", "working")
 
 
 def answer_target(sample, data: str = "all") -> str:
     """The response a question should get: a judgement / counting answer boxed, a planning question's reference
     route as it stands (ReasonMap's `Route Name: ... -- ...` blocks, what the planning reward parses); with
-    `data="released"` the bare answer, as the authors' SFT data has it."""
+    `data="released"` the bare answer, as the authors' SFT data has it; with `data="working"` the boxed answer after
+    its `working`."""
     if sample.qtype == "planning" or data == "released":
         return sample.answer
-    return f"\\boxed{{{sample.answer}}}"
+    return f"{working(sample) if data == 'working' else ''}\\boxed{{{sample.answer}}}"
+
+
+def working(sample) -> str:
+    """The demo's working before a torf1, torf2 or counting2 answer (empty for the other types): for each station
+    the question names, its line of the map read by station (model.metro_as_text(..., "station"): `Alder: Line 1,
+    Line 3`), copied out. The answer is then a short step away: is the asked line among them, do the two stations
+    share a line, how many lines are listed. Copying a line of the prompt that starts with a given word is what
+    small attention models learn quickly (an induction head); finding which lines a word appears in, without the
+    working, a 0.7M-parameter model did not learn in our budget (docs/demo.md)."""
+    if sample.qtype not in ("torf1", "torf2", "counting2") or not sample.metro:
+        return ""
+    lines = station_lines(sample.metro)
+    asked = [sample.station_1] + ([sample.station_2] if sample.qtype == "torf1" else [])
+    return "".join(f"{station}: {', '.join(lines[station])}\n" for station in asked)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
@@ -99,7 +114,7 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
         raise ValueError(f"--sft-data must be one of {', '.join(DATA)}, got {data!r}")
     by_type: dict[str, list] = {}
     for s in samples:
-        if data == "all" or s.qtype in PLUS_QTYPES:
+        if data != "released" or s.qtype in PLUS_QTYPES:
             by_type.setdefault(s.qtype, []).append(s)
     if steps and not by_type:
         raise ValueError("--sft: the training data has no questions to learn answers from")
@@ -172,7 +187,7 @@ def _resume(model, optimizer, folder: Path | None, lora_rank: int, config: dict 
     return state["step"], state["losses"]
 
 
-SETTINGS = ("model", "data", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
+SETTINGS = ("model", "data", "world", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
             "bf16_update", "max_pixels")
 """What an SFT's result depends on (with its learning rate): the SFT state records them, and a resumed or cached
 SFT must match them."""
