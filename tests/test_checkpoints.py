@@ -89,7 +89,7 @@ def test_resume_loads_the_trainer_state_on_the_cpu(tiny_lm, tmp_path, monkeypatc
     loads, made, real_load, real_make = [], [], torch.load, train.precision.make_optimizer
     monkeypatch.setattr(train.torch, "load", lambda *a, **k: loads.append((a, k)) or real_load(*a, **k))
     monkeypatch.setattr(train.precision, "make_optimizer", lambda *a, **k: made.append(real_make(*a, **k)) or made[-1])
-    monkeypatch.setattr(train.data, "load_data", lambda *a: ([], []))
+    monkeypatch.setattr(train.data, "load_data", lambda *a, **k: ([], []))
     monkeypatch.setattr(train, "selected_stages", lambda cfg, samples: train.curriculum.build_curriculum([]))
     monkeypatch.setattr(train.models, "load_model", lambda *a, **k: fresh(tiny_lm))
     monkeypatch.setattr(checkpoints.models, "save_policy", lambda *a, **k: None)

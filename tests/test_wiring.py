@@ -28,6 +28,7 @@ ELSEWHERE = {
 REWARD, GRPO = {"reward"}, {"grpo"}
 CHANGES = {
     "stage": (["--stage", "counting"], {"batches"}), "curriculum": (["--curriculum", "coarse"], {"batches"}),
+    "world": (["--world", "demo"], {"load_data", "load_model"}),
     "model": (["--model", "/models/x"], {"load_model"}), "data": (["--data", "/data/x"], {"load_data"}),
     "cities": (["--cities", "7"], {"load_data"}),
     "preset": (["--preset", "released"], {"load_model", "reward", "grpo", "optimizer", "batches"}),
@@ -98,9 +99,9 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     checkpoint writing; return everything the components received."""
     got: dict = {"batches": [], "grpo": [], "sampling": [], "evals": [], "checkpoints": []}
     m = monkeypatch
-    m.setattr(train.data, "load_data", lambda *a: got.__setitem__("load_data", a) or world)
-    m.setattr(train.models, "load_model", lambda name, samples, *a, **k: got.update(load_model=(name, *a), qlora=k)
-              or policy)
+    m.setattr(train.data, "load_data", lambda *a, **k: got.__setitem__("load_data", (a, k)) or world)
+    m.setattr(train.models, "load_model", lambda name, samples, *a, **k: got.update(
+        load_model=(name, *a, k.get("world")), qlora=k.get("qlora")) or policy)
     m.setattr(train.sft, "sft", lambda policy, samples, steps, lr, batch, seed, rank, targets, make, folder, every,
               settings, data, **k: got.__setitem__("sft", (steps, lr, batch, rank, data)) or [1.0])
     m.setattr(train.lora, "add_lora", lambda model, *a, **k: got.__setitem__("lora", (a, k)))
