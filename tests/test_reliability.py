@@ -162,7 +162,7 @@ def test_config_json_records_how_the_run_was_made(straight):
     if commit.returncode == 0:
         assert made["project"]["commit"] == commit.stdout.strip() and isinstance(made["project"]["modified"], bool)
     # the exported model says what data it was trained on (eval.py warns on other synthetic data)
-    assert train.models.trained_on(str(straight[0] / "model")) == {"data": "", "cities": 3, "seed": 0}
+    assert train.models.trained_on(str(straight[0] / "model")) == {"data": "", "cities": 3, "seed": 0, "world": "default"}
 
 
 # ----------------------------------------------------------------------------- 3. SIGTERM
@@ -348,8 +348,11 @@ def test_eval_warns_when_the_synthetic_data_is_not_the_models(straight, capsys):
     assert capsys.readouterr().err == ""  # its own data
     evaluation.warn_if_other_data(model, "", 60, 1)
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: {model} was trained on the synthetic data of --cities 3 --seed 0; this "
-                          "evaluates the synthetic data of --cities 60 --seed 1") and err.count("\n") == 1
+    assert err.startswith(f"warning: {model} was trained on the synthetic data of --cities 3 --seed 0 --world "
+                          "default; this evaluates the synthetic data of --cities 60 --seed 1 --world default") \
+        and err.count("\n") == 1
+    evaluation.warn_if_other_data(model, "", 3, 0, "demo")  # another world of the same size and seed
+    assert "--world demo" in capsys.readouterr().err
     evaluation.warn_if_other_data("tiny", "", 60, 1)  # an untrained model has no data of its own
     assert capsys.readouterr().err == ""
 
