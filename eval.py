@@ -437,9 +437,9 @@ def main(argv: list[str] | None = None) -> dict:
     a = ap.parse_args(argv)
     if a.qlora:  # before any data or model is loaded: a 4-bit base needs a CUDA GPU and bitsandbytes
         lora.check_qlora("cuda" if torch.cuda.is_available() else "cpu")
-    remembered = world_of(a.model, a.data)
-    a.cities, a.seed, a.world = (remembered[k] if v is None else v for k, v in
-                                 (("cities", a.cities), ("seed", a.seed), ("world", a.world)))
+    for key, value in world_of(a.model, a.data).items():  # what the flags leave unsaid: the folder's own world
+        if getattr(a, key) is None:
+            setattr(a, key, value)
     train, test = data.load_data(a.data, a.cities, a.seed, a.cache_dir, world=a.world)
     samples = train if a.split == "train" else test
     if a.limit and a.limit < len(samples):

@@ -170,7 +170,7 @@ PRESETS = {
 PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
                          sft_data="released", curriculum="none")
 # the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, an SFT
-# cold start, then GRPO over the curriculum; ~N min on a 2-core CPU from an empty cache
+# cold start with working, then GRPO over the curriculum; ~6 min on a 2-core CPU from an empty cache
 PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=2000, sft_lr=3e-3, sft_batch_size=16,
                        sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=32,
                        planning_max_new_tokens=64, max_steps_per_stage=40)
@@ -350,7 +350,7 @@ def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> d
             bar.update(1)
             stop_if_diverged(run, metrics)
             if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe:
-                evaluate(run, probe, progress=False, during=name)
+                evaluate(run, probe, name, end=False)
             last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
             if cfg.save_every and run.position["global_step"] % cfg.save_every == 0 and not last:
                 save(run)
@@ -545,23 +545,22 @@ def held_out(test: list, qtypes: set[str], n: int, seed: int) -> list:
     return pool if n <= 0 or n >= len(pool) else random.Random(f"{seed}:eval").sample(pool, n)
 
 
-def evaluate(run: Run, probe: list, stage: str = "", progress: bool = True, during: str = "") -> dict:
-    """Greedy evaluation on the held-out `probe` (eval.py's metrics); at a stage's end (`stage`) also written to
-    eval_<stage>.json. Every evaluation, a stage's end or `--eval-every`'s during stage `during`, adds a line to
-    evals.jsonl (the summary without its records), so that a stage's held-out curve can be read afterwards."""
-    summary = evaluation.evaluate(run.policy, probe, run.cfg, *budgets(run.cfg), progress=progress and run.main)
+def evaluate(run: Run, probe: list, stage: str, end: bool = True) -> dict:
+    """Greedy evaluation on the held-out `probe` (eval.py's metrics) during `stage`; at the stage's `end` also
+    written to eval_<stage>.json. Every evaluation (stage ends and --eval-every's) adds a line to evals.jsonl (the
+    summary without its records), so that a stage's held-out curve can be read afterwards."""
+    summary = evaluation.evaluate(run.policy, probe, run.cfg, *budgets(run.cfg), progress=end and run.main)
     if run.main:
-        line = {"global_step": run.position["global_step"], "stage": stage or during, "stage_end": bool(stage),
-                **{k: v for k, v in summary.items() if k != "records"}}
+        scores = {k: v for k, v in summary.items() if k != "records"}
         with open(run.out / "evals.jsonl", "a") as f:
-            f.write(cli.dumps(line) + "\n")
-        if stage:
+            f.write(cli.dumps({"global_step": run.position["global_step"], "stage": stage, "stage_end": end,
+                               **scores}) + "\n")
+        if end:
             (run.out / f"eval_{stage}.json").write_text(cli.dumps(summary, indent=2) + "\n")
-        (print if stage else tqdm.write)(
-            f"{'end of stage ' + stage if stage else 'step ' + str(run.position['global_step']) + ' eval'}: "
+        (print if end else tqdm.write)(
+            f"{'end of stage ' + stage if end else 'step ' + str(run.position['global_step']) + ' eval'}: "
             f"{evaluation.one_line(summary)}")
-        report.log_step(run.reporter, {"eval": {k: v for k, v in summary.items() if k != "records"}},
-                        run.position["global_step"])
+        report.log_step(run.reporter, {"eval": scores}, run.position["global_step"])
     return summary
 
 

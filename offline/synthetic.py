@@ -259,20 +259,25 @@ def demo_names(n: int = DEMO_NAME_POOL) -> list[str]:
     return names
 
 
-def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_per_type: int = 20,
-                      test_fraction: float = 0.37, progress: bool = True, world: str = "default") -> list[Sample]:
+def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_per_type: int | None = None,
+                      test_fraction: float | None = None, progress: bool = True, world: str = "default") -> list[Sample]:
     """Generate `n_cities` synthetic cities, draw their maps under `out_dir/maps/`, ask questions.
 
     Map difficulty cycles easy, middle, hard, so every difficulty appears from 3 cities on. Each city
     gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
     too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
     samples and byte-identical PNGs. `world` "demo": DEMO_LEVELS' small networks, their stations renamed from
-    `demo_names()`, and no images (the map is read as text: model.metro_as_text).
+    `demo_names()`, and no images (the map is read as text: model.metro_as_text). Unless given, the world's own
+    `questions_per_type` and `test_fraction`: default 20 and 0.37 (ReasonMap-Plus's 11 of 30 cities held out), demo
+    DEMO_QUESTIONS and DEMO_TEST_FRACTION.
     """
     if world not in WORLDS:
         raise ValueError(f"world must be one of {', '.join(WORLDS)}, got {world!r}")
+    demo = world == "demo"
+    questions_per_type = questions_per_type or (DEMO_QUESTIONS if demo else 20)
+    test_fraction = test_fraction if test_fraction is not None else (DEMO_TEST_FRACTION if demo else 0.37)
     out_dir = Path(out_dir)
-    pool = demo_names() if world == "demo" else []
+    pool = demo_names() if demo else []
     samples: list[Sample] = []
     slugs: set[str] = set()
     for i in tqdm(range(n_cities), desc="cities", disable=not progress or n_cities < 5):
