@@ -38,7 +38,7 @@ from transit.metro import (LETTERS, QTYPES, TORF_QTYPES, TYPE_NAMES, Metro, Samp
                    route_plan, station_lines)
 from transit.released import TEST_CITIES  # the 11 cities the official evaluation reports on
 from transit.rows import RowError, row_to_sample
-from offline.synthetic import synthetic_dataset
+from offline.synthetic import DEMO_VERSION, synthetic_dataset
 
 SPLITS = ("train", "validation", "test")  # the split names a dataset folder may hold (files or DatasetDict keys)
 SYNTHETIC_CITIES = 60  # the default run's synthetic world: one pass over it is ~190 GRPO steps per Plus stage
@@ -343,7 +343,7 @@ def load_data(data: str = "", cities: int = SYNTHETIC_CITIES, seed: int = 0, cac
         if leaked:
             print(f"note: {leaked} of the {len(test)} evaluation questions also appear in the training data")
         return train, test
-    folder = Path(cache_dir) / f"synthetic-{'demo-' if world == 'demo' else ''}c{cities}-s{seed}"
+    folder = Path(cache_dir) / f"synthetic-{f'demo{DEMO_VERSION}-' if world == 'demo' else ''}c{cities}-s{seed}"
     if not (folder / "test.jsonl").exists():
         print(f"generating the synthetic dataset ({cities} cities{', the demo world' if world == 'demo' else ''}) "
               f"into {folder} (once; reused afterwards)")

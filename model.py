@@ -296,14 +296,22 @@ MAP_TEXTS = ("line", "station")
 
 def metro_as_text(metro: dict[str, list[str]], by: str = "line") -> str:
     """The map as text for text-only models. `by` "line": one line per metro line with its stations in order;
-    "station": one line per station with the lines through it (`Alder: Line 1, Line 3`), stations in the order the
-    lines list them first. The demo world's model reads the second (docs/demo.md): the questions it answers ask
-    which lines a station is on, and its working (variants/sft.working) copies the station's line of the map."""
+    "station": one `station_row` per station, stations in the order the lines list them first. The demo world's
+    model reads the second (docs/demo.md): the questions it answers ask which lines a station is on, and its working
+    (variants/sft.working) copies the asked station's row."""
     if by == "line":
         return "\n".join(f"{line}: {', '.join(stations)}" for line, stations in metro.items())
     if by != "station":
         raise ValueError(f"metro_as_text: by must be one of {', '.join(MAP_TEXTS)}, got {by!r}")
-    return "\n".join(f"{station}: {', '.join(lines)}" for station, lines in station_lines(metro).items())
+    return "\n".join(station_row(station, lines) for station, lines in station_lines(metro).items())
+
+
+def station_row(station: str, lines: list[str]) -> str:
+    """A station's row of the map read by station: a space, its name, a space, then the labels of its lines joined
+    (a line's label: its name without "Line "): ` Alder AC` for Line A and Line C. The demo world letters its lines,
+    so a row is three tokens: the name as it stands in the questions (one token, with its space) and one token for
+    the set of lines, which the model finds by the name alone (tools/lookup_drill.py, docs/demo.md)."""
+    return f" {station} {''.join(line.removeprefix('Line ') for line in lines)}"
 
 
 def chat_text(policy: Policy, sample) -> str:

@@ -84,7 +84,9 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     sft_batch_size: int = 16
     """questions per SFT step, each of a uniformly drawn type"""
     sft_data: str = "all"
-    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with a line of working before torf and counting2 answers: the asked stations' lines of the map, variants/sft.working; the demo's)"""
+    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with a line of working before torf and counting2 answers: the asked stations' rows of the map read by station, variants/sft.working; the demo's)"""
+    sft_drill: int = 0
+    """steps of the reading drill before the SFT's (variants/sft.drill_pairs: maps read by station, then their rows again in another order, the second half learned: the lookup the demo's questions need; the demo's: 600)"""
     max_steps_per_stage: int = 0
     """cap on GRPO steps per stage (0: one pass over the stage's data)"""
     # ---- model, precision, LoRA (scaling/)
@@ -169,11 +171,11 @@ PRESETS = {
 # undoes the curriculum: --curriculum none
 PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
                          sft_data="released", curriculum="none")
-# the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, an SFT
-# cold start with working, then GRPO over the curriculum; ~6 min on a 2-core CPU from an empty cache
-PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=2000, sft_lr=3e-3, sft_batch_size=16,
-                       sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=32,
-                       planning_max_new_tokens=64, max_steps_per_stage=40)
+# the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, the reading
+# drill and an SFT cold start with working, then GRPO over the curriculum; ~8 min on a 2-core CPU from an empty cache
+PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=1500, sft_drill=600, sft_lr=1e-3,
+                       sft_batch_size=16, sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=32,
+                       planning_max_new_tokens=64, max_steps_per_stage=40, eval_every=10)
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
 
@@ -204,12 +206,14 @@ def check_config(cfg: TrainConfig) -> None:
                          "all, or sft)")
     if cfg.stage == "sft" and not cfg.sft:
         raise ValueError("--stage sft runs the SFT alone: give its steps with --sft N")
+    if cfg.sft_drill and not cfg.sft:
+        raise ValueError("--sft-drill runs at the start of the SFT: give the SFT's steps with --sft N too")
     models.compute_dtype(cfg.dtype)  # raises on an unknown --dtype
     if cfg.bf16_update not in precision.SCHEMES:
         raise ValueError(f"--bf16-update must be one of {', '.join(precision.SCHEMES)}, got {cfg.bf16_update!r}")
     flags.check(cfg, *((name, getattr(cfg, name) >= 1, ">= 1") for name in ("batch_size", "keep_checkpoints")),
                 *((name, getattr(cfg, name) >= 0, ">= 0") for name in (
-                    "planning_max_new_tokens", "sft", "sft_lr", "sft_lora_rank", "lora_rank", "lora_alpha",
+                    "planning_max_new_tokens", "sft", "sft_drill", "sft_lr", "sft_lora_rank", "lora_rank", "lora_alpha",
                     "report_samples_every", "max_prompt_tokens")),
                 ("lr", cfg.lr > 0, "> 0"), ("replay", 0 <= cfg.replay <= 1, "in [0, 1]"),
                 ("sft_batch_size", cfg.sft_batch_size >= 1, ">= 1"))

@@ -247,6 +247,13 @@ DEMO_TEST_FRACTION = 0.1
 """The demo world's held-out cities (a tenth of many cities is still hundreds)."""
 
 
+DEMO_VERSION = 2
+"""Bump when what the demo world generates changes (part of its cache folder's name: data.load_data)."""
+LINE_LETTERS = "ABCDEFGH"
+"""The demo world's line names, `Line A` to `Line D` in a city's order: a station's lines then read as one word
+(`AC`: model.station_row), one token for the model to find and copy."""
+
+
 def demo_names(n: int = DEMO_NAME_POOL) -> list[str]:
     """The demo world's pool of `n` station names: two-syllable made-up words of at most 9 letters, the same pool
     for every seed."""
@@ -267,7 +274,7 @@ def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_p
     gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
     too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
     samples and byte-identical PNGs. `world` "demo": DEMO_LEVELS' small networks, their stations renamed from
-    `demo_names()`, and no images (the map is read as text: model.metro_as_text). Unless given, the world's own
+    `demo_names()`, its lines lettered (LINE_LETTERS), and no images (the map is read as text: model.metro_as_text). Unless given, the world's own
     `questions_per_type` and `test_fraction`: default 20 and 0.37 (ReasonMap-Plus's 11 of 30 cities held out), demo
     DEMO_QUESTIONS and DEMO_TEST_FRACTION.
     """
@@ -290,7 +297,8 @@ def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_p
         if pool:
             stations = sorted({s for line in metro.values() for s in line})
             name = dict(zip(stations, rng.sample(pool, len(stations))))
-            metro = {line: [name[s] for s in line_stations] for line, line_stations in metro.items()}
+            metro = {f"Line {LINE_LETTERS[k]}": [name[s] for s in line_stations]
+                     for k, line_stations in enumerate(metro.values())}
         else:
             image = out_dir / "maps" / f"{slug}.png"
             render_map(city, image)

@@ -21,7 +21,7 @@ import torch
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 
-TINY_VERSION = 2  # bump when build_tiny_policy changes what it builds (part of the cache key)
+TINY_VERSION = 3  # bump when build_tiny_policy changes what it builds (part of the cache key)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, VIDEO_TOKEN]
@@ -32,6 +32,12 @@ which splits with this whatever the saved tokenizer says, so the text-only token
 TEXT_SHAPE = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2)
 """The text-only tiny model's shape (the demo world's: docs/demo.md), ~0.7M parameters; a vocabulary of 2048 gives
 each of the demo's 300 station names one token."""
+TEXT_INIT = 0.05
+"""The text-only tiny model's initial weights' standard deviation (Qwen2's default: 0.02). With 0.02 the demo's
+lookup stays at chance for thousands of steps; 0.05 is one half of what takes it off (tools/lookup_drill.py)."""
+PREVIOUS_TOKEN_HEAD = 5.0
+"""The size of the biases that start the text-only tiny model's first attention head as a previous-token head
+(`set_previous_token_head`), the other half: with both, the drill's lookup is 92% right after 500 steps."""
 # Qwen2-VL's chat template, minus the default system prompt (shorter prompts for the tiny model).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -144,7 +150,9 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
                     pad_token_id=ids("<|endoftext|>"), tie_word_embeddings=True)
         torch.manual_seed(seed)
         if text_only:
-            model = Qwen2ForCausalLM(Qwen2Config(**text, rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
+            model = Qwen2ForCausalLM(Qwen2Config(**text, initializer_range=TEXT_INIT,
+                                                 rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
+            set_previous_token_head(model.model.layers[0].self_attn, hidden_size // num_heads, PREVIOUS_TOKEN_HEAD)
             image_processor = None
         else:
             half = hidden_size // num_heads // 2  # mrope splits the rotary half-dim into (t, h, w) sections
@@ -174,6 +182,23 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def set_previous_token_head(attention, head_dim: int, size: float, theta: float = 1e4) -> None:
+    """Start an attention layer's first head (and its key head) as a previous-token head, whatever the tokens: zero
+    query and key weights, and biases whose RoPE rotations differ by one position's angle in every frequency pair,
+    so that the score sum_f size^2 cos((i - j - 1) theta_f) peaks at i - j = 1. Training may change it like any
+    weight. A lookup in the context (an induction head) needs such a head under a second one that matches tokens;
+    a small model trained from a random start waits thousands of steps for the pair (docs/demo.md)."""
+    half = head_dim // 2
+    angles = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+    with torch.no_grad():
+        for proj in (attention.q_proj, attention.k_proj):
+            proj.weight[:head_dim].zero_()
+            proj.bias[:head_dim].zero_()
+        attention.k_proj.bias[:half] = size
+        attention.q_proj.bias[:half] = size * torch.cos(angles)  # rotated back by one position: peaks at i - j = 1
+        attention.q_proj.bias[half:head_dim] = -size * torch.sin(angles)
 
 
 def make_image_processor(patch_size: int = 14, merge_size: int = 2, max_pixels: int = 112 * 112,

@@ -22,12 +22,16 @@ def test_demo_world_is_small_text_only_cities_with_one_token_names(tmp_path):
         assert {st for line in s.metro.values() for st in line} <= pool
     policy = models.load_model("tiny", train_samples, cache_dir=tmp_path)
     assert not policy.is_vlm  # the map is read as text
-    assert "Line 1:" in models.chat_text(policy, train_samples[0])  # by line: the text models' default
+    assert all(list(s.metro) == [f"Line {x}" for x in "ABCD"[: len(s.metro)]] for s in train_samples)  # lettered
+    assert "Line A:" in models.chat_text(policy, train_samples[0])  # by line: the text models' default
     demo = models.load_model("tiny", train_samples, cache_dir=tmp_path, world="demo")
     assert demo.map_text == "station" and models.metro_as_text(train_samples[0].metro, "station") in \
         models.chat_text(demo, train_samples[0])
     names = sorted(pool & {st for s in train_samples for line in s.metro.values() for st in line})
     assert all(len(policy.tokenizer.tokenize(" " + n)) == 1 for n in names)  # each name one token
+    rows = [row for s in train_samples for row in models.metro_as_text(s.metro, "station").split("\n")]
+    assert all(len(demo.tokenizer.tokenize(row)) == 2 for row in rows)  # a row: the name, then its lines' letters
+    assert data.load_data("", 30, 0, tmp_path, world="demo")[0][0].metro == train_samples[0].metro  # read back
 
 
 def test_demo_preset_trains_into_runs_demo_and_eval_uses_its_world(tmp_path, monkeypatch):

@@ -23,25 +23,51 @@ def test_answer_targets():
     assert sft.answer_target(plus_sample("counting1", "B"), data="released") == "B"  # the authors' SFT data: bare
 
 
-def test_working_copies_each_asked_stations_line_of_the_map_by_station():
-    """variants/sft.working, the demo's: the asked stations' lines exactly as model.metro_as_text(..., "station")
-    writes them, then the boxed answer; other types get none."""
+def test_working_copies_each_asked_stations_row_of_the_map_by_station():
+    """variants/sft.working, the demo's: the asked stations' rows exactly as model.metro_as_text(..., "station")
+    writes them (a space, the name, a space, the lines' letters), then the boxed answer; other types get none."""
     import model
     from transit.metro import Sample
 
-    metro = {"Line 1": ["Alder", "Birch", "Cedar"], "Line 2": ["Dove", "Birch", "Elm"]}
+    metro = {"Line A": ["Alder", "Birch", "Cedar"], "Line B": ["Dove", "Birch", "Elm"]}
     ask = lambda qtype, answer, **kw: Sample(id="x", qtype=qtype, question="?", answer=answer, image=None,  # noqa: E731
                                              metro=metro, **kw)
     by_station = model.metro_as_text(metro, "station").splitlines()
-    assert by_station == ["Alder: Line 1", "Birch: Line 1, Line 2", "Cedar: Line 1", "Dove: Line 2", "Elm: Line 2"]
-    assert sft.answer_target(ask("torf2", "no", station_1="Alder", line="Line 2"), "working") == \
-        "Alder: Line 1\n\\boxed{no}"
-    assert sft.answer_target(ask("counting2", "2", station_1="Birch"), "working") == "Birch: Line 1, Line 2\n\\boxed{2}"
+    assert by_station == [" Alder A", " Birch AB", " Cedar A", " Dove B", " Elm B"]
+    assert sft.answer_target(ask("torf2", "no", station_1="Alder", line="Line B"), "working") == \
+        " Alder A\n\\boxed{no}"
+    assert sft.answer_target(ask("counting2", "2", station_1="Birch"), "working") == " Birch AB\n\\boxed{2}"
     assert sft.answer_target(ask("torf1", "no", station_1="Alder", station_2="Elm"), "working") == \
-        "Alder: Line 1\nElm: Line 2\n\\boxed{no}"
+        " Alder A\n Elm B\n\\boxed{no}"
     assert sft.answer_target(ask("counting3", "2"), "working") == "\\boxed{2}"
     assert sft.working(ask("counting1", "A", station_1="Alder", station_2="Cedar")) == ""
     assert all(line in by_station for line in sft.working(ask("counting2", "2", station_1="Birch")).splitlines())
+    assert model.station_row("Alder", ["Line 1", "Line 3"]) == " Alder 13"  # numbered lines: their numbers
+
+
+def test_reading_drill_asks_each_row_of_a_map_again_and_learns_only_that(tmp_path):
+    """sft.drill_pairs: a share of a map's rows (>= 2), a blank line, the same rows in another order; drill_nll sums
+    over the second part's tokens only (checked against a hand-built forward pass)."""
+    import model
+
+    metros = [{"Line A": ["Alder", "Birch", "Cedar"], "Line B": ["Dove", "Birch", "Elm"]},
+              {"Line A": ["Fir", "Gorse"], "Line B": ["Gorse", "Holly"]}]
+    pairs = sft.drill_pairs(metros, step=3, batch_size=6, seed=0)
+    assert pairs == sft.drill_pairs(metros, step=3, batch_size=6, seed=0) != sft.drill_pairs(metros, 4, 6, 0)
+    for first, second in pairs:
+        assert first.endswith("\n\n") and sorted(first.strip("\n").split("\n")) == sorted(second.split("\n"))
+        rows = second.split("\n")
+        assert len(rows) >= 2 and any(set(rows) <= set(model.metro_as_text(m, "station").split("\n")) for m in metros)
+    policy = model.build_tiny_policy(seed=0, corpus=[p for pair in pairs for p in pair], text_only=True,
+                                     cache_dir=str(tmp_path), hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1)
+    summed, count = sft.drill_nll(policy, pairs[:2])
+    by_hand, tokens = 0.0, 0
+    for first, second in pairs[:2]:
+        a, b = (policy.tokenizer.encode(t, add_special_tokens=False) for t in (first, second))
+        logp = torch.log_softmax(policy.model(input_ids=torch.tensor([a + b])).logits[0].float(), -1)
+        by_hand -= sum(logp[len(a) - 1 + k, token].item() for k, token in enumerate(b))
+        tokens += len(b)
+    assert count == tokens and abs(summed.item() - by_hand) < 1e-3 * tokens
 
 
 def test_learning_rate_warms_up_then_follows_a_cosine():
@@ -181,11 +207,14 @@ def test_micro_batches_give_the_whole_batchs_update(tiny_lm):
     weights as one pass (float rounding aside)."""
     samples = text_samples(5)
     whole, parts = fresh(tiny_lm), fresh(tiny_lm)
-    a = sft.sft(whole, samples, steps=3, lr=5e-3, batch_size=5, seed=1)
-    b = sft.sft(parts, samples, steps=3, lr=5e-3, batch_size=5, seed=1, micro_batch_size=2)
-    assert a == pytest.approx(b, rel=1e-5)
+    # plain SGD: the update is linear in the gradient (Adam's sign-like steps on near-zero gradients, e.g. the text
+    # model's zeroed previous-token head weights, would turn rounding into whole steps)
+    sgd = lambda model: torch.optim.SGD(model.parameters(), lr=0.5)  # noqa: E731
+    a = sft.sft(whole, samples, steps=3, lr=0.5, batch_size=5, seed=1, make_optimizer=sgd)
+    b = sft.sft(parts, samples, steps=3, lr=0.5, batch_size=5, seed=1, micro_batch_size=2, make_optimizer=sgd)
+    assert a == pytest.approx(b, rel=1e-5) and a[-1] < a[0] - 0.1  # it learns, and the same way
     for p, q in zip(whole.model.parameters(), parts.model.parameters()):
-        assert torch.allclose(p, q, atol=1e-4)  # Adam divides by sqrt(v): near-zero gradients amplify rounding
+        assert torch.allclose(p, q, atol=1e-5)
 
 
 def test_the_tiny_models_sft_is_cached_for_later_runs(tmp_path, capsys, monkeypatch):

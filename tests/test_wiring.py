@@ -53,6 +53,7 @@ CHANGES = {
     "sft_lora_rank": (["--sft-lora-rank", "2"], {"sft"}, ["--sft", "3"]),
     "sft_batch_size": (["--sft-batch-size", "3"], {"sft"}, ["--sft", "3"]),
     "sft_data": (["--sft-data", "released"], {"sft"}, ["--sft", "3"]),
+    "sft_drill": (["--sft-drill", "2"], {"sft"}, ["--sft", "3"]),
     "max_prompt_tokens": (["--max-prompt-tokens", "600"], {"batches"}),  # drops some prompts of every stage
     "decode_chunk": (["--decode-chunk", "2"], GRPO), "compile_decode": (["--compile-decode", "off"], GRPO),
     "replay": (["--replay", "0.5"], {"batches"}),
@@ -103,7 +104,7 @@ def record(cfg, world, policy, monkeypatch) -> dict:
     m.setattr(train.models, "load_model", lambda name, samples, *a, **k: got.update(
         load_model=(name, *a, k.get("world")), qlora=k.get("qlora")) or policy)
     m.setattr(train.sft, "sft", lambda policy, samples, steps, lr, batch, seed, rank, targets, make, folder, every,
-              settings, data, **k: got.__setitem__("sft", (steps, lr, batch, rank, data)) or [1.0])
+              settings, data, **k: got.__setitem__("sft", (steps, lr, batch, rank, data, k.get("drill"))) or [1.0] * 9)
     m.setattr(train.lora, "add_lora", lambda model, *a, **k: got.__setitem__("lora", (a, k)))
     m.setattr(train.lora, "merge_lora", lambda model: got.__setitem__("merged", True))
     m.setattr(train.models, "load_policy", lambda *a, **k: policy)

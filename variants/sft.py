@@ -33,13 +33,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from model import Policy, encode_prompts, join_prompt_response
+from model import Policy, encode_prompts, join_prompt_response, metro_as_text, station_row
 from scaling import lora
 from speed.logprobs import response_logprobs
 from transit.metro import PLUS_QTYPES, station_lines
 
 STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
-VERSION = 2  # bump when what `sft` computes changes (part of the key of a cached SFT)
+VERSION = 3  # bump when what `sft` computes changes (part of the key of a cached SFT)
 WARMUP = 0.1  # the authors' warmup_ratio
 MAX_GRAD_NORM = 1.0
 DATA = ("all", "released", "working")
@@ -57,16 +57,16 @@ def answer_target(sample, data: str = "all") -> str:
 
 def working(sample) -> str:
     """The demo's working before a torf1, torf2 or counting2 answer (empty for the other types): for each station
-    the question names, its line of the map read by station (model.metro_as_text(..., "station"): `Alder: Line 1,
-    Line 3`), copied out. The answer is then a short step away: is the asked line among them, do the two stations
-    share a line, how many lines are listed. Copying a line of the prompt that starts with a given word is what
-    small attention models learn quickly (an induction head); finding which lines a word appears in, without the
-    working, a 0.7M-parameter model did not learn in our budget (docs/demo.md)."""
+    the question names, its row of the map read by station (model.station_row: ` Alder AC`), copied out, each on
+    its own line. The answer is then a short step away: is the asked line among them, do the two stations share a
+    line, how many lines are listed. Finding a row by its first word and copying what follows is the lookup small
+    attention models learn (an induction head; tools/lookup_drill.py); without the working, the answer's one token
+    is too little signal to teach it in our budget (docs/demo.md)."""
     if sample.qtype not in ("torf1", "torf2", "counting2") or not sample.metro:
         return ""
     lines = station_lines(sample.metro)
     asked = [sample.station_1] + ([sample.station_2] if sample.qtype == "torf1" else [])
-    return "".join(f"{station}: {', '.join(lines[station])}\n" for station in asked)
+    return "".join(f"{station_row(station, lines[station])}\n" for station in asked)
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
@@ -103,13 +103,15 @@ def nll(policy: Policy, batch: list, targets: list[list[int]]):
 
 def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, seed: int = 0, lora_rank: int = 0,
         lora_targets=lora.DEFAULT_TARGETS, make_optimizer=None, folder: Path | None = None, save_every: int = 0,
-        config: dict | None = None, data: str = "all", progress: bool = False, micro_batch_size: int = 0) -> list[float]:
+        config: dict | None = None, data: str = "all", progress: bool = False, micro_batch_size: int = 0,
+        drill: int = 0) -> list[float]:
     """SFT of `policy` in place (module docstring); returns every step's loss, the mean negative log-likelihood per
     answer token. Each batch goes through forward/backward `micro_batch_size` questions at a time (0: all at once),
     its gradients accumulated and divided by the whole batch's token count. `make_optimizer(model)` builds the
-    optimizer over the model's trainable parameters (default: torch AdamW at `lr`, no weight decay). With `folder`,
-    a state saved there is resumed (its `config` must equal this run's) and the state is saved every `save_every`
-    steps and at the end."""
+    optimizer over the model's trainable parameters (default: torch AdamW at `lr`, no weight decay). `drill`: that
+    many steps of the reading drill first (`drill_pairs`; their losses come first in the list, each part on its own
+    warmup and cosine). With `folder`, a state saved there is resumed (its `config` must equal this run's) and the
+    state is saved every `save_every` steps and at the end."""
     if data not in DATA:
         raise ValueError(f"--sft-data must be one of {', '.join(DATA)}, got {data!r}")
     by_type: dict[str, list] = {}
@@ -118,6 +120,9 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
             by_type.setdefault(s.qtype, []).append(s)
     if steps and not by_type:
         raise ValueError("--sft: the training data has no questions to learn answers from")
+    maps = list({s.city: s.metro for s in samples if s.metro}.values())
+    if drill and not maps:
+        raise ValueError("--sft-drill reads maps as text: the training data has no metro to read")
     trainable = {name: p.requires_grad for name, p in policy.model.named_parameters()}
     if lora_rank:
         lora.add_lora(policy.model, lora_rank, 2.0 * lora_rank, lora_targets, seed=seed)
@@ -127,24 +132,29 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
     start, losses = _resume(policy.model, optimizer, folder, lora_rank, config)
     was_training = policy.model.training
     policy.model.train()
-    bar = tqdm(total=steps, initial=start, desc="sft", dynamic_ncols=True, disable=not progress)
-    for step in range(start, steps):
+    bar = tqdm(total=drill + steps, initial=start, desc="sft", dynamic_ncols=True, disable=not progress)
+    for step in range(start, drill + steps):
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        batch = batch_at(by_type, step, batch_size, seed)
-        targets = targets_of(policy, batch, data)
-        count, total, micro = sum(map(len, targets)), 0.0, micro_batch_size or len(batch)
+            group["lr"] = lr_at(step, drill, lr) if step < drill else lr_at(step - drill, steps, lr)
         optimizer.zero_grad(set_to_none=True)
-        for k in range(0, len(batch), micro):
-            summed = nll(policy, batch[k : k + micro], targets[k : k + micro])
+        if step < drill:
+            summed, count = drill_nll(policy, drill_pairs(maps, step, batch_size, seed))
             (summed / count).backward()
-            total += summed.item()
+            total = summed.item()
+        else:
+            batch = batch_at(by_type, step - drill, batch_size, seed)
+            targets = targets_of(policy, batch, data)
+            count, total, micro = sum(map(len, targets)), 0.0, micro_batch_size or len(batch)
+            for k in range(0, len(batch), micro):
+                summed = nll(policy, batch[k : k + micro], targets[k : k + micro])
+                (summed / count).backward()
+                total += summed.item()
         torch.nn.utils.clip_grad_norm_([p for p in policy.model.parameters() if p.requires_grad], MAX_GRAD_NORM)
         optimizer.step()
         losses.append(total / count)
         bar.update()
         bar.set_postfix(nll=f"{losses[-1]:.3f}", refresh=False)
-        if folder is not None and (step + 1 == steps or (save_every and (step + 1) % save_every == 0)):
+        if folder is not None and (step + 1 == drill + steps or (save_every and (step + 1) % save_every == 0)):
             _save(folder, step + 1, trained(), optimizer, losses, config)
     bar.close()
     policy.model.train(was_training)
@@ -154,6 +164,40 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
         for name, p in policy.model.named_parameters():  # what trained before trains again
             p.requires_grad_(trainable.get(name, True))  # (a tied head untied by the merge is new)
     return losses
+
+
+def drill_pairs(maps: list, step: int, batch_size: int, seed: int) -> list[tuple[str, str]]:
+    """Step `step` of the reading drill, from (seed, step) alone: `batch_size` maps, each read by station
+    (model.station_row) as a random share of its rows (at least two) in a random order, then a blank line, then the
+    same rows in another order. The drill learns the second part (`drill_nll`), where each row's line set can only be
+    found by looking its station up in the first: the lookup the demo's questions need, many times per map instead
+    of once per question, before the SFT teaches the questions (docs/demo.md)."""
+    rng = random.Random(f"{seed}:drill:{step}")
+    pairs = []
+    for metro in (rng.choice(maps) for _ in range(batch_size)):
+        rows = metro_as_text(metro, "station").split("\n")
+        rows = rng.sample(rows, rng.randint(min(2, len(rows)), len(rows)))
+        pairs.append(("\n".join(rows) + "\n\n", "\n".join(rng.sample(rows, len(rows)))))
+    return pairs
+
+
+def drill_nll(policy: Policy, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of each pair's second text after its first (plain text, no chat template),
+    and the number of tokens it sums over."""
+    encoded = [[policy.tokenizer.encode(text, add_special_tokens=False) for text in pair] for pair in pairs]
+    width = max(len(first) + len(second) for first, second in encoded)
+    ids = torch.full((len(pairs), width), policy.pad_id)
+    labels = torch.full((len(pairs), width), -100)
+    mask = torch.zeros((len(pairs), width), dtype=torch.long)
+    for row, (first, second) in enumerate(encoded):
+        ids[row, : len(first) + len(second)] = torch.tensor(first + second)
+        labels[row, len(first) : len(first) + len(second)] = torch.tensor(second)
+        mask[row, : len(first) + len(second)] = 1
+    device = policy.device
+    logits = policy.model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits[:, :-1]
+    summed = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten().to(device),
+                                               reduction="sum")
+    return summed, int((labels != -100).sum())
 
 
 def _trained_state(model, lora_rank: int):
@@ -187,8 +231,8 @@ def _resume(model, optimizer, folder: Path | None, lora_rank: int, config: dict 
     return state["step"], state["losses"]
 
 
-SETTINGS = ("model", "data", "world", "cities", "seed", "sft", "sft_lora_rank", "sft_batch_size", "sft_data", "dtype",
-            "bf16_update", "max_pixels")
+SETTINGS = ("model", "data", "world", "cities", "seed", "sft", "sft_drill", "sft_lora_rank", "sft_batch_size", "sft_data",
+            "dtype", "bf16_update", "max_pixels")
 """What an SFT's result depends on (with its learning rate): the SFT state records them, and a resumed or cached
 SFT must match them."""
 
@@ -210,11 +254,14 @@ def stage(cfg, policy: Policy, samples, folder: Path, make_optimizer, main: bool
             print(f"sft: the {cfg.sft} steps of these settings were done before, loaded from {cached}")
     losses = sft(policy, samples, cfg.sft, lr, cfg.sft_batch_size, cfg.seed, cfg.sft_lora_rank,
                  lora.default_targets(cfg.model), make_optimizer, folder, cfg.save_every, settings, cfg.sft_data,
-                 progress=main, micro_batch_size=cfg.micro_batch_size)
+                 progress=main, micro_batch_size=cfg.micro_batch_size, drill=cfg.sft_drill)
     if cfg.model == "tiny" and not cached.is_file() and state.is_file() and main:
         cached.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(state, cached.with_suffix(".tmp"))
         cached.with_suffix(".tmp").replace(cached)
     if main:
-        print(f"sft: {cfg.sft} steps, answer NLL {losses[0]:.3f} -> {losses[-1]:.3f} (state in {folder})")
+        drilled = f"{cfg.sft_drill} drill steps, map NLL {losses[0]:.3f} -> {losses[cfg.sft_drill - 1]:.3f}; " \
+            if cfg.sft_drill else ""
+        print(f"sft: {drilled}{cfg.sft} steps, answer NLL {losses[cfg.sft_drill]:.3f} -> {losses[-1]:.3f} "
+              f"(state in {folder})")
     return losses

@@ -1,0 +1,56 @@
+"""tools/lookup_drill.py: the drill's maps, its previous-token head, its accuracy and a short run."""
+import random
+
+import pytest
+import torch
+
+from tools import lookup_drill as drill
+
+
+def test_drill_map_second_half_repeats_each_rows_code_and_only_it_is_learned():
+    names, codes = 50, 15
+    seq, labels = drill.drill_map(random.Random(3), 6, names, codes)
+    sep = seq.index(drill.SEPARATOR)
+    first, second = seq[:sep], seq[sep + 1 :]
+    assert len(first) == len(second) == 18 and labels[: sep + 1] == [-100] * (sep + 1) and labels[sep + 1 :] == second
+    table = {first[i]: first[i + 1] for i in range(0, 18, 3)}
+    assert len(table) == 6 and all(drill.FIRST_NAME <= n < drill.FIRST_NAME + names for n in table)
+    assert all(drill.FIRST_NAME + names <= c < drill.FIRST_NAME + names + codes for c in table.values())
+    assert {second[i]: second[i + 1] for i in range(0, 18, 3)} == table
+    assert all(second[i] == drill.NEWLINE for i in range(2, 18, 3))
+    same, _ = drill.drill_map(random.Random(3), 6, names, codes, order="same")
+    assert same[sep + 1 :] == same[:sep]
+    flipped, _ = drill.drill_map(random.Random(3), 6, names, codes, code_first=True)  # first half: code, name
+    assert flipped[sep + 1 :] == second and {flipped[i + 1]: flipped[i] for i in range(0, 18, 3)} == table
+
+
+def test_code_accuracy_counts_codes_only():
+    first_code = 10
+    labels = torch.tensor([[-100, 3, 11, 1, 12], [-100, 4, 13, 1, -100]])
+    logits = torch.zeros(2, 5, 20)
+    # position t predicts label t + 1: row 0 gets code 11 right and code 12 wrong; row 1 gets its one code right
+    for row, t, token in ((0, 1, 11), (0, 3, 14), (0, 0, 3), (1, 1, 13)):
+        logits[row, t, token] = 1.0
+    assert drill.code_accuracy(logits, labels, first_code).tolist() == [0.5, 1.0]
+
+
+def test_previous_token_head_attends_one_position_back():
+    model = drill.build_model(names=40, codes=5, init=0.02, hidden=64, layers=1, heads=2, kv_heads=2,
+                              prev_token_head=5.0)
+    model.config._attn_implementation = "eager"
+    ids = torch.randint(drill.FIRST_NAME, 40, (3, 24))
+    attention = model(input_ids=ids, output_attentions=True).attentions[0][:, 0]  # [batch, query, key], head 1
+    peaks = attention[:, 2:].argmax(-1)
+    assert (peaks == torch.arange(1, 23)).all()
+    assert attention[:, 12, 11].min() > 0.5
+
+
+def test_short_run_reports_every_row_count_and_refuses_bad_rows(capsys):
+    result = drill.drill(steps=3, batch=4, names=30, min_rows=2, max_rows=4, probe=2, verbose=True)
+    assert set(result["by_rows"]) == {2, 3, 4} and result["chance"] == 1 / 15
+    assert 0.0 <= result["code_accuracy"] <= 1.0 and result["loss"] > 0
+    assert "code accuracy by rows" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--min-rows / --max-rows"):
+        drill.drill(steps=1, min_rows=5, max_rows=3)
+    with pytest.raises(ValueError, match="--order"):
+        drill.drill(steps=1, order="reversed")
