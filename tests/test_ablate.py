@@ -143,7 +143,7 @@ def test_cells_mean_and_sample_std():
 def test_sft_rows_are_the_papers_comparison(tmp_path):
     """The SFT row trains and evaluates the SFT model alone (no GRPO step); SFT -> RL runs GRPO from it without a
     curriculum (one stage), the authors' SFT + RL."""
-    assert ablate.train_argv("sft", 0, 1, 4, [])[:8] == [*ablate.FROM_SCRATCH, "--stage", "sft"]  # the row's --sft wins
+    assert ablate.train_argv("sft", 0, 1, 4, [])[:10] == [*ablate.FROM_SCRATCH, "--stage", "sft"]  # the row's --sft wins
     out = ablate.main(["--rows", "sft", "sft-rl", "--seeds", "0", "--out", str(tmp_path / "abl"),
                        "--cache-dir", str(tmp_path / "cache"), *SMALL, "--sft", "3"])
     sft_run, sft_rl = out["sft"][0], out["sft-rl"][0]

@@ -82,7 +82,7 @@ ROWS: dict[str, tuple[str, list[str]]] = {
 SFT, then RL from the SFT model, whose shuffled loader has no curriculum): here 200 SFT steps at the run's --lr."""
 DEFAULT_ROWS = ("rl-baseline", "detail-reward", "curriculum", "rewardmap", "dynamic-sampling")
 
-FROM_SCRATCH = ["--sft", "0", "--replay", "0", "--lr", "2e-3"]
+FROM_SCRATCH = ["--sft", "0", "--sft-drill", "0", "--replay", "0", "--lr", "2e-3"]
 """Every row starts GRPO from the random tiny model, without train.py's tiny defaults (train.TINY_DEFAULTS: a
 supervised cold start, a lower lr, replay): the rows compare what the rewards and the curriculum give a policy
 that knows nothing yet, and each stage's held-out accuracy is taken at the stage's end, before any forgetting.

@@ -166,9 +166,15 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
     return losses
 
 
+DRILL_ROWS = 12
+"""The most rows of a map one drill sequence shows: on the demo world's maps whole (up to ~20 rows) the lookup
+forms several times slower than on 2 to 12 (tools/lookup_drill.py --max-rows 20), and once formed it reads
+whole maps."""
+
+
 def drill_pairs(maps: list, step: int, batch_size: int, seed: int) -> list[tuple[str, str]]:
     """Step `step` of the reading drill, from (seed, step) alone: `batch_size` maps, each read by station
-    (model.station_row) as a random share of its rows (at least two) in a random order, then a blank line, then the
+    (model.station_row) as a random share of its rows (2 to DRILL_ROWS) in a random order, then a blank line, then the
     same rows in another order. The drill learns the second part (`drill_nll`), where each row's line set can only be
     found by looking its station up in the first: the lookup the demo's questions need, many times per map instead
     of once per question, before the SFT teaches the questions (docs/demo.md)."""
@@ -176,7 +182,7 @@ def drill_pairs(maps: list, step: int, batch_size: int, seed: int) -> list[tuple
     pairs = []
     for metro in (rng.choice(maps) for _ in range(batch_size)):
         rows = metro_as_text(metro, "station").split("\n")
-        rows = rng.sample(rows, rng.randint(min(2, len(rows)), len(rows)))
+        rows = rng.sample(rows, rng.randint(min(2, len(rows)), min(DRILL_ROWS, len(rows))))
         pairs.append(("\n".join(rows) + "\n\n", "\n".join(rng.sample(rows, len(rows)))))
     return pairs
 
