@@ -353,9 +353,9 @@ def train_stage(run: Run, stage_index: int, name: str, stage_samples: list) -> d
                             kl=f"{metrics['kl']:.4f}")
             bar.update(1)
             stop_if_diverged(run, metrics)
-            if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe:
-                evaluate(run, probe, name, end=False)
             last = step + 1 == n_steps or (stream is not None and not stream.left())  # the stage's end saves anyway
+            if cfg.eval_every and run.position["global_step"] % cfg.eval_every == 0 and probe and not last:
+                evaluate(run, probe, name, end=False)  # (the stage's end evaluates anyway)
             if cfg.save_every and run.position["global_step"] % cfg.save_every == 0 and not last:
                 save(run)
     if run.main:

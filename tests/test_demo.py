@@ -8,8 +8,8 @@ import model as models
 import train
 from offline import synthetic
 
-SHORT = ["--preset", "demo", "--cities", "30", "--sft", "30", "--max-steps-per-stage", "2", "--batch-size", "4",
-         "--group-size", "2", "--eval-samples", "12"]
+SHORT = ["--preset", "demo", "--cities", "30", "--sft", "30", "--sft-drill", "10", "--max-steps-per-stage", "3",
+         "--batch-size", "4", "--group-size", "2", "--eval-samples", "12", "--eval-every", "2"]
 
 
 def test_demo_world_is_small_text_only_cities_with_one_token_names(tmp_path):
@@ -40,9 +40,13 @@ def test_demo_preset_trains_into_runs_demo_and_eval_uses_its_world(tmp_path, mon
     out = tmp_path / "demo"
     train.main(SHORT + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")])
     made = json.loads((out / "config.json").read_text())
-    assert made["world"] == "demo" and made["cities"] == 30 and made["sft_data"] == "working"
+    assert made["world"] == "demo" and made["cities"] == 30 and made["sft_data"] == "working" and made["sft_drill"] == 10
     evals = [json.loads(line) for line in (out / "evals.jsonl").read_text().splitlines()]
-    assert [(e["stage"], e["stage_end"]) for e in evals] == [(s, True) for s in ("judgement", "counting", "planning")]
+    # --eval-every 2 over 3 + 3 + 3 steps: global steps 2, 4 and 8 mid-stage (6 is the counting stage's end, which
+    # evaluates anyway), and each stage's end
+    assert [(e["global_step"], e["stage"], e["stage_end"]) for e in evals] == [
+        (2, "judgement", False), (3, "judgement", True), (4, "counting", False), (6, "counting", True),
+        (8, "planning", False), (9, "planning", True)]
     assert evals[-1]["planning"]["n"] > 0 and "weighted_map_score" in evals[-1]["planning"]
     # no --cities / --world / --seed: the folder's own world, its held-out cities, with each type's answer prior
     summary = evaluation.main(["--model", str(out / "model"), "--cache-dir", str(tmp_path / "cache")])
