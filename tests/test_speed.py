@@ -11,6 +11,17 @@ from speed import decode, logprobs
 
 
 @pytest.mark.parametrize("kind", ["lm", "vlm"])
+
+def close_grads(got: dict, want: dict) -> None:
+    """Gradients equal up to float32 rounding, which grows with the model's scale (the text model starts at larger
+    weights and a previous-token head with large biases, tiny_model.TEXT_INIT; its embedding gradients are of order
+    1, and a bias whose exact gradient nearly cancels keeps rounding of that order): absolute tolerance 1e-5 of the
+    largest gradient entry of the model."""
+    assert got.keys() == want.keys()
+    scale = max(1.0, max(g.abs().max().item() for g in want.values()))
+    for name in want:
+        assert torch.allclose(got[name], want[name], atol=1e-5 * scale, rtol=1e-4), name
+
 def test_fast_decode_gives_the_plain_decodes_responses(kind, tiny_lm, tiny_vlm, tmp_path):
     """The static-cache, G-fold expanded decode samples the same tokens as recomputing the whole sequence at every
     step with no cache (same uniforms), with the same log-probs, entropies and ends."""
@@ -51,9 +62,7 @@ def test_fused_and_shared_prompt_logprobs_equal_the_plain_ones(kind, tiny_lm, ti
                  lambda: logprobs.shared_prompt_logprobs(policy.model, *inputs)):
         got, g_got = value_and_grad(fast)
         assert torch.allclose(got, plain, atol=1e-5)
-        assert g_got.keys() == g_plain.keys()
-        for name in g_plain:
-            assert torch.allclose(g_got[name], g_plain[name], atol=1e-5, rtol=1e-4), name
+        close_grads(g_got, g_plain)
 
 
 def test_zero_advantage_rows_are_kept_when_an_entropy_bonus_is_on(tiny_lm, monkeypatch):
@@ -259,5 +268,4 @@ def test_shared_prompt_under_gradient_checkpointing(kind, tiny_lm, tiny_vlm, tmp
     assert rows_seen == [(n_prompts, L), (len(mask), mask.shape[1] - 1)]  # each prompt once, then the responses
     assert torch.allclose(shared, plain, atol=1e-5)
     assert g_shared.keys() == g_plain.keys()
-    for name in g_plain:
-        assert torch.allclose(g_shared[name], g_plain[name], atol=1e-5, rtol=1e-4), name
+    close_grads(g_shared, g_plain)
