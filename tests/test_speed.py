@@ -10,8 +10,6 @@ import model as M
 from speed import decode, logprobs
 
 
-@pytest.mark.parametrize("kind", ["lm", "vlm"])
-
 def close_grads(got: dict, want: dict) -> None:
     """Gradients equal up to float32 rounding, which grows with the model's scale (the text model starts at larger
     weights and a previous-token head with large biases, tiny_model.TEXT_INIT; its embedding gradients are of order
@@ -22,6 +20,8 @@ def close_grads(got: dict, want: dict) -> None:
     for name in want:
         assert torch.allclose(got[name], want[name], atol=1e-5 * scale, rtol=1e-4), name
 
+
+@pytest.mark.parametrize("kind", ["lm", "vlm"])
 def test_fast_decode_gives_the_plain_decodes_responses(kind, tiny_lm, tiny_vlm, tmp_path):
     """The static-cache, G-fold expanded decode samples the same tokens as recomputing the whole sequence at every
     step with no cache (same uniforms), with the same log-probs, entropies and ends."""
