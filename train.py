@@ -172,10 +172,10 @@ PRESETS = {
 PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
                          sft_data="released", curriculum="none")
 # the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, the reading
-# drill and an SFT cold start with working, then GRPO over the curriculum; ~8 min on a 2-core CPU from an empty cache
+# drill and an SFT cold start with working, then GRPO over the curriculum; ~4 min on a 2-core CPU from an empty cache
 PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=1500, sft_drill=600, sft_lr=1e-3,
-                       sft_batch_size=16, sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8, max_new_tokens=32,
-                       planning_max_new_tokens=64, max_steps_per_stage=40, eval_every=10)
+                       sft_batch_size=16, sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8,
+                       max_new_tokens=32, planning_max_new_tokens=64, max_steps_per_stage=40, eval_every=10)
 SECTIONS = {rewards.RewardConfig: "the reward (rewards.RewardConfig, docs/rewardmap.md §3)",
             grpo.GRPOConfig: "one GRPO step (grpo.GRPOConfig, docs/rewardmap.md §4)"}
 

@@ -274,7 +274,8 @@ def synthetic_dataset(n_cities: int, seed: int, out_dir: str | Path, questions_p
     gets `questions_per_type` questions of each type (one counting3; fewer when a small network has
     too few distinct ones), and `split` is set by city (`split_by_city`). Same arguments give identical
     samples and byte-identical PNGs. `world` "demo": DEMO_LEVELS' small networks, their stations renamed from
-    `demo_names()`, its lines lettered (LINE_LETTERS), and no images (the map is read as text: model.metro_as_text). Unless given, the world's own
+    `demo_names()`, its lines lettered (LINE_LETTERS), and no images (the map is read as text:
+    model.metro_as_text). Unless given, the world's own
     `questions_per_type` and `test_fraction`: default 20 and 0.37 (ReasonMap-Plus's 11 of 30 cities held out), demo
     DEMO_QUESTIONS and DEMO_TEST_FRACTION.
     """

@@ -92,7 +92,8 @@ def drill(steps: int = 600, batch: int = 32, lr: float = 3e-3, init: float = 0.0
           code_first: bool = False, probe: int = 64, seed: int = 0, every: int = 100, verbose: bool = True) -> dict:
     """Train on the drill; returns the last window's loss and code accuracy and the probe's accuracy by rows."""
     if not 1 <= min_rows <= max_rows <= names:
-        raise ValueError(f"--min-rows / --max-rows: need 1 <= min <= max <= --names, got {min_rows}, {max_rows}, {names}")
+        raise ValueError(f"--min-rows / --max-rows: need 1 <= min <= max <= --names, "
+                         f"got {min_rows}, {max_rows}, {names}")
     if order not in ("shuffled", "same"):
         raise ValueError(f"--order must be shuffled or same, got {order!r}")
     model = build_model(names, codes, init, hidden, layers, heads, kv_heads, prev_token_head, seed)
@@ -113,9 +114,8 @@ def drill(steps: int = 600, batch: int = 32, lr: float = 3e-3, init: float = 0.0
         losses.append(loss.item())
         accuracies.append(code_accuracy(logits.detach(), labels, first_code).mean().item())
         if verbose and ((step + 1) % every == 0 or step + 1 == steps):
-            window = slice(-every, None)
-            print(f"step {step + 1:>5}  {time.time() - start:5.0f} s  loss {statistics.mean(losses[window]):.3f}  "
-                  f"code accuracy {statistics.mean(accuracies[window]):.3f}", flush=True)
+            print(f"step {step + 1:>5}  {time.time() - start:5.0f} s  loss {statistics.mean(losses[-every:]):.3f}  "
+                  f"code accuracy {statistics.mean(accuracies[-every:]):.3f}", flush=True)
     by_rows = {}
     model.eval()
     with torch.no_grad():
@@ -123,9 +123,8 @@ def drill(steps: int = 600, batch: int = 32, lr: float = 3e-3, init: float = 0.0
             ids, labels = batch_of([drill_map(rng, rows, names, codes, order, code_first)
                                     for _ in range(probe)])
             by_rows[rows] = round(code_accuracy(model(input_ids=ids).logits, labels, first_code).mean().item(), 3)
-    window = slice(-min(every, len(losses)) or None, None)
-    result = {"loss": statistics.mean(losses[window]) if losses else math.nan,
-              "code_accuracy": statistics.mean(accuracies[window]) if accuracies else math.nan,
+    result = {"loss": statistics.mean(losses[-every:]) if losses else math.nan,
+              "code_accuracy": statistics.mean(accuracies[-every:]) if accuracies else math.nan,
               "chance": 1 / codes, "by_rows": by_rows, "seconds": round(time.time() - start, 1)}
     if verbose:
         print("code accuracy by rows (fresh maps):", " ".join(f"{k}: {v:.2f}" for k, v in by_rows.items()))
@@ -157,7 +156,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     return drill(args.steps, args.batch, args.lr, args.init, args.names, args.codes, args.min_rows, args.max_rows,
-                 args.order, args.hidden, args.layers, args.heads, args.kv_heads, args.prev_token_head, code_first=args.code_first, seed=args.seed)
+                 args.order, args.hidden, args.layers, args.heads, args.kv_heads, args.prev_token_head, code_first=args.code_first,
+                 seed=args.seed)
 
 
 if __name__ == "__main__":
