@@ -21,7 +21,7 @@ import torch
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<|image_pad|>", "<|video_pad|>"
 
-TINY_VERSION = 3  # bump when build_tiny_policy changes what it builds (part of the cache key)
+TINY_VERSION = 6  # bump when build_tiny_policy changes what it builds (part of the cache key)
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   IMAGE_TOKEN, VIDEO_TOKEN]
@@ -34,10 +34,12 @@ TEXT_SHAPE = dict(vocab_size=2048, hidden_size=128, num_layers=2, num_heads=4, n
 each of the demo's 300 station names one token."""
 TEXT_INIT = 0.05
 """The text-only tiny model's initial weights' standard deviation (Qwen2's default: 0.02). With 0.02 the demo's
-lookup stays at chance for thousands of steps; 0.05 is one half of what takes it off (tools/lookup_drill.py)."""
-PREVIOUS_TOKEN_HEAD = 5.0
-"""The size of the biases that start the text-only tiny model's first attention head as a previous-token head
-(`set_previous_token_head`), the other half: with both, the drill's lookup is 92% right after 500 steps."""
+lookup stays at chance for thousands of steps (tools/lookup_drill.py, docs/demo.md)."""
+INDUCTION = dict(match=8.0, carry=1.0, write=8.0)
+"""The sizes of the induction circuit the text-only tiny model starts with (`set_induction_circuit`): how sharply
+its matching head picks the earlier position, how strongly layer 1 carries tokens into its two subspaces, how
+strongly the found token is written towards its own logit. With them the drill's lookup is right 96% after 50
+steps and 99.7-99.9% after 300 on both seeds tried; without it the lookup forms at a random step or not at all."""
 # Qwen2-VL's chat template, minus the default system prompt (shorter prompts for the tiny model).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
@@ -125,7 +127,8 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
 
     `corpus` is extra tokenizer-training text (e.g. the dataset's questions and answers), added to
     `builtin_corpus()`. The cache key hashes every argument that changes the result, so a cache hit
-    is the same model a fresh build would give. `text_only=True`: a Qwen2 causal LM instead (no vision).
+    is the same model a fresh build would give. `text_only=True`: a Qwen2 causal LM instead (no vision), weights
+    of standard deviation `TEXT_INIT`, with the induction circuit where its shape holds one (`set_induction_circuit`).
     Defaults: VLM 64 wide / 256 MLP (~0.24M parameters), text-only 128 wide / 512 MLP (~0.6M).
     Built and saved in float32; `model.load_policy` loads it in any dtype.
     """
@@ -152,7 +155,8 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
         if text_only:
             model = Qwen2ForCausalLM(Qwen2Config(**text, initializer_range=TEXT_INIT,
                                                  rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
-            set_previous_token_head(model.model.layers[0].self_attn, hidden_size // num_heads, PREVIOUS_TOKEN_HEAD)
+            if holds_induction_circuit(model.config):
+                set_induction_circuit(model, seed=seed, **INDUCTION)
             image_processor = None
         else:
             half = hidden_size // num_heads // 2  # mrope splits the rotary half-dim into (t, h, w) sections
@@ -184,21 +188,80 @@ def build_tiny_model(seed: int = 0, corpus: list[str] | None = None, cache_dir: 
     return path
 
 
-def set_previous_token_head(attention, head_dim: int, size: float, theta: float = 1e4) -> None:
-    """Start an attention layer's first head (and its key head) as a previous-token head, whatever the tokens: zero
-    query and key weights, and biases whose RoPE rotations differ by one position's angle in every frequency pair,
-    so that the score sum_f size^2 cos((i - j - 1) theta_f) peaks at i - j = 1. Training may change it like any
-    weight. A lookup in the context (an induction head) needs such a head under a second one that matches tokens;
-    a small model trained from a random start waits thousands of steps for the pair (docs/demo.md)."""
-    half = head_dim // 2
-    angles = 1.0 / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
+def set_position_head(attention, head: int, head_dim: int, size: float, back: int, theta: float = 1e4) -> None:
+    """Start attention head `head` (and its key head) as a head that looks `back` positions back, whatever the
+    tokens: zero query and key weights, and biases whose RoPE rotations differ by `back` positions' angle in every
+    frequency pair, so that the score sum_f size^2 cos((i - j - back) theta_f) peaks at i - j = back (0: the
+    position itself). Training may change it like any weight."""
+    half, per = head_dim // 2, attention.config.num_attention_heads // attention.config.num_key_value_heads
+    query, key = head * head_dim, head // per * head_dim
+    angles = back / theta ** (torch.arange(0, head_dim, 2).float() / head_dim)
     with torch.no_grad():
-        for proj in (attention.q_proj, attention.k_proj):
+        for proj, start in ((attention.q_proj, query), (attention.k_proj, key)):
+            proj.weight[start:start + head_dim].zero_()
+            proj.bias[start:start + head_dim].zero_()
+        attention.k_proj.bias[key:key + half] = size
+        attention.q_proj.bias[query:query + half] = size * torch.cos(angles)  # rotated back: peaks at i - j = back
+        attention.q_proj.bias[query + half:query + head_dim] = -size * torch.sin(angles)
+
+
+def holds_induction_circuit(config) -> bool:
+    """Whether a Qwen2 config has room for `set_induction_circuit`: >= 2 layers, >= 2 key heads, hidden >= 3 head
+    widths. The text-only tiny model starts with the circuit when it does (the demo's shape does); smaller text
+    models, built by tests, start without it."""
+    head_dim = config.hidden_size // config.num_attention_heads
+    return config.num_hidden_layers >= 2 and config.num_key_value_heads >= 2 and config.hidden_size >= 3 * head_dim
+
+
+POSITION_HEAD = 5.0
+"""The bias size of `set_position_head`'s heads in the induction circuit: 91% (one back) and 95% (itself) of the
+head's attention on its position at the start, on random tokens."""
+
+
+def set_induction_circuit(model, match: float, carry: float, write: float, seed: int = 0, theta: float = 1e4,
+                          slowest: int = 6) -> None:
+    """Start a Qwen2 causal LM (>= 2 layers, >= 2 key heads, hidden >= 3 head widths) with an induction head: the
+    circuit by which a transformer copies from its context (Olsson et al. 2022, "In-context learning and induction
+    heads"), which every pretrained language model has (Qwen2.5-VL, RewardMap's start, included) and a small model
+    trained from scratch finds only after a plateau of random length (docs/demo.md). Here it is what lets the demo's
+    model read a map row: at ` Alder` in its working it finds ` Alder AC` in the map and reads `AC`.
+
+    Layer 1: head 0 looks one position back, the first head of the second key head at its own position
+    (`set_position_head`); both read the same projection R of the token (their values) and write it, times `carry`,
+    into two orthogonal subspaces of the residual stream: "the token before me" and "I". Layer 2, head 0: its query
+    reads "I", its key "the token before me" (times `match`), so each position attends to the earlier positions
+    that follow a copy of its own token; its value reads "I" there and writes it back along R (times `write`), where
+    the tied unembedding turns it into that token's logit. Query and key use only the `slowest` RoPE frequency
+    pairs, which turn by under one radian over 300 positions, so the match fades little with distance. The rest of
+    both layers is the random initialisation, and every weight, the circuit's included, is trained."""
+    cfg = model.config
+    width, heads, kv_heads = cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = width // heads
+    if not holds_induction_circuit(cfg):
+        raise ValueError(f"set_induction_circuit: needs >= 2 layers, >= 2 key heads and hidden >= 3 head widths, "
+                         f"got {cfg.num_hidden_layers} layers, {kv_heads} key heads, hidden {width} / head width "
+                         f"{head_dim}")
+    basis = torch.linalg.qr(torch.randn(width, width, generator=torch.Generator().manual_seed(seed)))[0]
+    token, before, itself = (basis[:, k * head_dim:(k + 1) * head_dim] for k in range(3))
+    token = token.T
+    self_head = heads // kv_heads  # the first query head of key head 1
+    first, second = model.model.layers[0].self_attn, model.model.layers[1].self_attn
+    half = head_dim // 2
+    slow = [f for f in range(half - slowest, half)] + [f + half for f in range(half - slowest, half)]
+    set_position_head(first, 0, head_dim, POSITION_HEAD, back=1, theta=theta)
+    set_position_head(first, self_head, head_dim, POSITION_HEAD, back=0, theta=theta)
+    with torch.no_grad():
+        first.v_proj.weight[:2 * head_dim] = torch.cat([token, token])
+        first.v_proj.bias[:2 * head_dim].zero_()
+        for head, subspace in ((0, before), (self_head, itself)):
+            first.o_proj.weight[:, head * head_dim:(head + 1) * head_dim] = carry * subspace
+        for proj, read in ((second.q_proj, match * itself.T), (second.k_proj, before.T)):
             proj.weight[:head_dim].zero_()
             proj.bias[:head_dim].zero_()
-        attention.k_proj.bias[:half] = size
-        attention.q_proj.bias[:half] = size * torch.cos(angles)  # rotated back by one position: peaks at i - j = 1
-        attention.q_proj.bias[half:head_dim] = -size * torch.sin(angles)
+            proj.weight[slow] = read[slow]
+        second.v_proj.weight[:head_dim] = itself.T
+        second.v_proj.bias[:head_dim].zero_()
+        second.o_proj.weight[:, :head_dim] = write * token.T
 
 
 def make_image_processor(patch_size: int = 14, merge_size: int = 2, max_pixels: int = 112 * 112,

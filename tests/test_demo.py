@@ -54,3 +54,25 @@ def test_demo_preset_trains_into_runs_demo_and_eval_uses_its_world(tmp_path, mon
     assert summary["n"] == len(test)
     written = json.loads((out / "model" / "eval.json").read_text())
     assert set(written["priors"]) == set(written["per_type_accuracy"]) == {s.qtype for s in test}
+
+
+def test_demo_model_reads_a_stations_line_set_from_the_map_before_any_training(tmp_path):
+    """The demo's text model starts with an induction circuit (tiny_model.set_induction_circuit): untrained, given
+    a question's prompt and the asked station's name, it already writes that station's line set from the map (the
+    row ` Alder AC`) far more often than its 1 / vocabulary chance; the question, where the name is followed by
+    other words, is the main competitor."""
+    import torch
+
+    from transit.metro import station_lines
+
+    train_samples, _ = data.load_data("", 30, 0, tmp_path, world="demo")
+    demo = models.load_model("tiny", train_samples, cache_dir=tmp_path, world="demo")
+    right = asked = 0
+    for s in [s for s in train_samples if s.qtype in ("counting2", "torf2")][:60]:
+        name, line_set = models.station_row(s.station_1, station_lines(s.metro)[s.station_1]).rsplit(" ", 1)
+        ids = demo.tokenizer(models.chat_text(demo, s) + name, add_special_tokens=False, return_tensors="pt")
+        with torch.no_grad():
+            predicted = demo.model(**ids).logits[0, -1].argmax().item()
+        right += predicted == demo.tokenizer.convert_tokens_to_ids(demo.tokenizer.tokenize(" " + line_set))[0]
+        asked += 1
+    assert asked == 60 and right / asked > 0.25

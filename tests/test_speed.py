@@ -12,7 +12,7 @@ from speed import decode, logprobs
 
 def close_grads(got: dict, want: dict) -> None:
     """Gradients equal up to float32 rounding, which grows with the model's scale (the text model starts at larger
-    weights and a previous-token head with large biases, tiny_model.TEXT_INIT; its embedding gradients are of order
+    weights and an induction circuit with large biases, tiny_model.TEXT_INIT; its embedding gradients are of order
     1, and a bias whose exact gradient nearly cancels keeps rounding of that order): absolute tolerance 1e-5 of the
     largest gradient entry of the model."""
     assert got.keys() == want.keys()

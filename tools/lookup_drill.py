@@ -1,7 +1,8 @@
 """How fast does a small transformer learn the map lookup the demo needs? A drill that isolates it (docs/demo.md).
 
-    python -m tools.lookup_drill                            # the demo model's shape, initialised as built (~80 s)
+    python -m tools.lookup_drill                            # the demo model's shape, Qwen2's initialisation (~80 s)
     python -m tools.lookup_drill --init 0.05 --steps 1200   # a larger initialisation: leaves chance (~3 min)
+    python -m tools.lookup_drill --init 0.05 --lr 1e-3 --induction --extra-vocab 1122 --steps 300  # the demo's start
 
 Each training sequence is a small map read by station, one row per station: its name, then its code (the set of
 lines through it, one token: `Alder AC` for lines A and C), then a newline; a separator; then the same rows again
@@ -16,9 +17,11 @@ The model is the demo's Qwen2 text model (tiny_model.TEXT_SHAPE's hidden size, l
 the drill's own), trained with AdamW (no weight decay, linear warmup then a constant rate, gradients clipped at 1)
 on fresh random maps every step. Printed every 100 steps: the training loss and the code accuracy (the share of
 second-half codes predicted right; chance is 1 / codes); at the end, the code accuracy by number of rows, on
-`--probe` fresh maps of each size. `--prev-token-head A`: layer 1's head 1 starts as a previous-token head (its query
+`--probe` fresh maps of each size. `--prev-token-head A`: layer 1's head 0 starts as a previous-token head (its query
 and key biases set so that, under RoPE, its score peaks one position back; A is their size), to test whether
-the first half of the circuit is what the plateau waits for.
+the first half of the circuit is what the plateau waits for. `--induction`: the model starts with the demo model's
+whole induction circuit (tiny_model.set_induction_circuit). `--extra-vocab N`: N more token ids that never occur,
+to give the model the demo tokenizer's size (1,122 more: 1,440).
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from offline.tiny_model import TEXT_SHAPE, set_previous_token_head
+from offline.tiny_model import INDUCTION, TEXT_SHAPE, set_induction_circuit, set_position_head
 from plumbing import cli
 
 NEWLINE, SEPARATOR, FIRST_NAME = 1, 2, 3  # token ids (0: padding)
@@ -62,8 +65,10 @@ def batch_of(maps: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, tor
 
 
 def build_model(names: int, codes: int, init: float, hidden: int, layers: int, heads: int, kv_heads: int,
-                prev_token_head: float = 0.0, seed: int = 0):
-    """The drill's Qwen2 causal LM, weights drawn with standard deviation `init` (Qwen2's default 0.02)."""
+                prev_token_head: float = 0.0, seed: int = 0, induction: bool = False):
+    """The drill's Qwen2 causal LM, weights drawn with standard deviation `init` (Qwen2's default 0.02);
+    `prev_token_head`: layer 1's head 0 starts looking one position back (bias size); `induction`: the model starts
+    with the demo model's whole induction circuit (tiny_model.set_induction_circuit)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(seed)
@@ -73,7 +78,9 @@ def build_model(names: int, codes: int, init: float, hidden: int, layers: int, h
                          rope_parameters={"rope_type": "default", "rope_theta": 1e4})
     model = Qwen2ForCausalLM(config)
     if prev_token_head:
-        set_previous_token_head(model.model.layers[0].self_attn, hidden // heads, prev_token_head)
+        set_position_head(model.model.layers[0].self_attn, 0, hidden // heads, prev_token_head, back=1)
+    if induction:
+        set_induction_circuit(model, seed=seed, **INDUCTION)
     return model
 
 
@@ -89,14 +96,16 @@ def drill(steps: int = 600, batch: int = 32, lr: float = 3e-3, init: float = 0.0
           min_rows: int = 2, max_rows: int = 12, order: str = "shuffled", hidden: int = TEXT_SHAPE["hidden_size"],
           layers: int = TEXT_SHAPE["num_layers"], heads: int = TEXT_SHAPE["num_heads"],
           kv_heads: int = TEXT_SHAPE["num_kv_heads"], prev_token_head: float = 0.0, warmup: int = 30,
-          code_first: bool = False, probe: int = 64, seed: int = 0, every: int = 100, verbose: bool = True) -> dict:
+          code_first: bool = False, probe: int = 64, seed: int = 0, every: int = 100, verbose: bool = True,
+          induction: bool = False, extra_vocab: int = 0) -> dict:
     """Train on the drill; returns the last window's loss and code accuracy and the probe's accuracy by rows."""
     if not 1 <= min_rows <= max_rows <= names:
         raise ValueError(f"--min-rows / --max-rows: need 1 <= min <= max <= --names, "
                          f"got {min_rows}, {max_rows}, {names}")
     if order not in ("shuffled", "same"):
         raise ValueError(f"--order must be shuffled or same, got {order!r}")
-    model = build_model(names, codes, init, hidden, layers, heads, kv_heads, prev_token_head, seed)
+    model = build_model(names, codes + extra_vocab, init, hidden, layers, heads, kv_heads, prev_token_head, seed,
+                        induction)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     rng, first_code = random.Random(seed), FIRST_NAME + names
     losses, accuracies, start = [], [], time.time()
@@ -150,14 +159,18 @@ def main(argv=None) -> dict:
     ap.add_argument("--kv-heads", type=int, default=TEXT_SHAPE["num_kv_heads"])
     ap.add_argument("--prev-token-head", type=float, default=0.0, metavar="A",
                     help="start layer 1's first head as a previous-token head of bias size A (0: off)")
+    ap.add_argument("--induction", action="store_true",
+                    help="start with the demo model's induction circuit (tiny_model.set_induction_circuit)")
+    ap.add_argument("--extra-vocab", type=int, default=0, metavar="N",
+                    help="N more token ids that never occur (the demo tokenizer's size: 1122)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     return drill(args.steps, args.batch, args.lr, args.init, args.names, args.codes, args.min_rows, args.max_rows,
-                 args.order, args.hidden, args.layers, args.heads, args.kv_heads, args.prev_token_head, code_first=args.code_first,
-                 seed=args.seed)
+                 args.order, args.hidden, args.layers, args.heads, args.kv_heads, args.prev_token_head,
+                 code_first=args.code_first, seed=args.seed, induction=args.induction, extra_vocab=args.extra_vocab)
 
 
 if __name__ == "__main__":
