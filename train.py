@@ -84,7 +84,7 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     sft_batch_size: int = 16
     """questions per SFT step, each of a uniformly drawn type"""
     sft_data: str = "all"
-    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with a line of working before torf and counting2 answers: the asked stations' rows of the map read by station, variants/sft.working; the demo's)"""
+    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with working before torf and counting2 answers: the asked stations' rows of the map read by station, and torf2's asked line, variants/sft.working; the demo's)"""
     sft_drill: int = 0
     """steps of the reading drill before the SFT's (variants/sft.drill_pairs: maps read by station, then their rows again in another order, the second half learned: the lookup the demo's questions need; the demo's: 600)"""
     max_steps_per_stage: int = 0
@@ -172,7 +172,7 @@ PRESETS = {
 PRESETS["sft-rl"] = dict(PRESETS["released"], sft=169, sft_lr=1e-5, sft_lora_rank=8, sft_batch_size=16,
                          sft_data="released", curriculum="none")
 # the learning demo (docs/demo.md): the demo world's small cities read as text by a text-only tiny model, the reading
-# drill and an SFT cold start with working, then GRPO over the curriculum; ~4 min on a 2-core CPU from an empty cache
+# drill and an SFT cold start with working, then GRPO over the curriculum; ~4.5 min on a 2-core CPU from an empty cache
 PRESETS["demo"] = dict(world="demo", cities=DEMO_CITIES, out="runs/demo", sft=1500, sft_drill=600, sft_lr=1e-3,
                        sft_batch_size=16, sft_data="working", lr=1e-4, replay=0.5, batch_size=8, group_size=8,
                        max_new_tokens=32, planning_max_new_tokens=64, max_steps_per_stage=40, eval_every=10)

@@ -25,7 +25,8 @@ def test_answer_targets():
 
 def test_working_copies_each_asked_stations_row_of_the_map_by_station():
     """variants/sft.working, the demo's: the asked stations' rows exactly as model.metro_as_text(..., "station")
-    writes them (a space, the name, a space, the lines' letters), then the boxed answer; other types get none."""
+    writes them (a space, the name, a space, the lines' letters), torf2's asked line, then the boxed answer;
+    other types get none."""
     import model
     from transit.metro import Sample
 
@@ -35,7 +36,7 @@ def test_working_copies_each_asked_stations_row_of_the_map_by_station():
     by_station = model.metro_as_text(metro, "station").splitlines()
     assert by_station == [" Alder A", " Birch AB", " Cedar A", " Dove B", " Elm B"]
     assert sft.answer_target(ask("torf2", "no", station_1="Alder", line="Line B"), "working") == \
-        " Alder A\n\\boxed{no}"
+        " Alder A\n Line B\n\\boxed{no}"
     assert sft.answer_target(ask("counting2", "2", station_1="Birch"), "working") == " Birch AB\n\\boxed{2}"
     assert sft.answer_target(ask("torf1", "no", station_1="Alder", station_2="Elm"), "working") == \
         " Alder A\n Elm B\n\\boxed{no}"

@@ -39,7 +39,7 @@ from speed.logprobs import response_logprobs
 from transit.metro import PLUS_QTYPES, station_lines
 
 STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
-VERSION = 3  # bump when what `sft` computes changes (part of the key of a cached SFT)
+VERSION = 6  # bump when what `sft` computes changes (part of the key of a cached SFT)
 WARMUP = 0.1  # the authors' warmup_ratio
 MAX_GRAD_NORM = 1.0
 DATA = ("all", "released", "working")
@@ -58,15 +58,17 @@ def answer_target(sample, data: str = "all") -> str:
 def working(sample) -> str:
     """The demo's working before a torf1, torf2 or counting2 answer (empty for the other types): for each station
     the question names, its row of the map read by station (model.station_row: ` Alder AC`), copied out, each on
-    its own line. The answer is then a short step away: is the asked line among them, do the two stations share a
-    line, how many lines are listed. Finding a row by its first word and copying what follows is the lookup small
-    attention models learn (an induction head; tools/lookup_drill.py); without the working, the answer's one token
-    is too little signal to teach it in our budget (docs/demo.md)."""
+    its own line; torf2 then copies the asked line (` Line A`) on a line of its own. Each is a copy from the prompt,
+    what the demo model's induction circuit does (tiny_model.set_induction_circuit): a row found by its name, the
+    letter found after ` Line`. The answer is then a short step from tokens just written: is the asked letter in
+    the line set, do the two line sets share a letter, how many letters. Without the asked line torf2 has to find
+    the letter in the question, and stayed nearer its prior (docs/demo.md, rows 37-38)."""
     if sample.qtype not in ("torf1", "torf2", "counting2") or not sample.metro:
         return ""
     lines = station_lines(sample.metro)
     asked = [sample.station_1] + ([sample.station_2] if sample.qtype == "torf1" else [])
-    return "".join(f"{station_row(station, lines[station])}\n" for station in asked)
+    rows = "".join(f"{station_row(station, lines[station])}\n" for station in asked)
+    return rows + (f" {sample.line}\n" if sample.qtype == "torf2" else "")
 
 
 def lr_at(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
