@@ -84,7 +84,7 @@ class TrainConfig(grpo.GRPOConfig, rewards.RewardConfig):
     sft_batch_size: int = 16
     """questions per SFT step, each of a uniformly drawn type"""
     sft_data: str = "all"
-    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with working before torf and counting2 answers: the asked stations' rows of the map read by station, and torf2's asked line, variants/sft.working; the demo's)"""
+    """what SFT learns: all (every type; boxed answers, planning's route block) | released (the authors' SFT data: the five Plus types, bare answers) | working (all, with working before torf and counting2 answers: the asked stations' rows of the map read by station, and torf2's asked line, variants/sft.working; torf questions drawn 3x as often; the demo's)"""
     sft_drill: int = 0
     """steps of the reading drill before the SFT's (variants/sft.drill_pairs: maps read by station, then their rows again in another order, the second half learned: the lookup the demo's questions need; the demo's: 600)"""
     max_steps_per_stage: int = 0

@@ -109,8 +109,10 @@ def test_sft_draws_question_types_evenly_and_released_data_is_plus_only(tiny_vlm
     sft.sft(fresh(tiny_vlm), samples, steps=5, lr=1e-3, batch_size=4, seed=0, data="released")
     assert set(seen) == {"torf1"}  # the authors' SFT data has no planning questions
     seen.clear()
-    sft.sft(fresh(tiny_vlm), samples, steps=5, lr=1e-3, batch_size=4, seed=0, data="working")
-    assert set(seen) == {"torf1", "planning"}  # the demo's: every type, as "all"
+    sft.sft(fresh(tiny_vlm), samples, steps=20, lr=1e-3, batch_size=8, seed=0, data="working")
+    assert set(seen) == {"torf1", "planning"}  # the demo's: every type, as "all", torf drawn more often
+    share = sft.WORKING_TORF_WEIGHT / (sft.WORKING_TORF_WEIGHT + 1)
+    assert abs(seen.count("torf1") / 160 - share) < 0.12, seen.count("torf1")
 
 
 @pytest.mark.parametrize("lora_rank", ["0", "4"])
@@ -234,3 +236,19 @@ def test_the_tiny_models_sft_is_cached_for_later_runs(tmp_path, capsys, monkeypa
     assert comparable(rows(tmp_path / "b" / "metrics.jsonl")[0]) == comparable(first)
     train.main(args + ["--out", str(tmp_path / "c"), "--sft-batch-size", "8"])
     assert len(calls) == 4  # another setting: trained
+
+
+def test_batches_draw_types_uniformly_or_by_weight_and_the_working_weighs_torf():
+    """sft.batch_at: each question's type drawn uniformly, or in proportion to a weight per type (missing: 1); a batch
+    depends on (seed, step) alone. The demo's working data draws torf1 and torf2 WORKING_TORF_WEIGHT times as often."""
+    import collections
+
+    by_type = {t: [f"{t}-{k}" for k in range(5)] for t in ("counting1", "counting2", "planning", "torf1")}
+    uniform = collections.Counter(q.split("-")[0] for step in range(400) for q in sft.batch_at(by_type, step, 16, 0))
+    weighted = collections.Counter(q.split("-")[0] for step in range(400)
+                                   for q in sft.batch_at(by_type, step, 16, 0, {"torf1": 4.0}))
+    n = 400 * 16
+    assert all(abs(uniform[t] / n - 0.25) < 0.02 for t in by_type)
+    assert abs(weighted["torf1"] / n - 4 / 7) < 0.02 and abs(weighted["planning"] / n - 1 / 7) < 0.02
+    assert sft.batch_at(by_type, 7, 16, 3, {"torf1": 4.0}) == sft.batch_at(by_type, 7, 16, 3, {"torf1": 4.0})
+    assert sft.WORKING_TORF_WEIGHT > 1

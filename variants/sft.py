@@ -39,7 +39,7 @@ from speed.logprobs import response_logprobs
 from transit.metro import PLUS_QTYPES, station_lines
 
 STATE = "sft.pt"  # in `folder`: {"step", "weights", "optimizer", "losses", "config"}
-VERSION = 6  # bump when what `sft` computes changes (part of the key of a cached SFT)
+VERSION = 7  # bump when what `sft` computes changes (part of the key of a cached SFT)
 WARMUP = 0.1  # the authors' warmup_ratio
 MAX_GRAD_NORM = 1.0
 DATA = ("all", "released", "working")
@@ -81,10 +81,21 @@ def lr_at(step: int, steps: int, lr: float, warmup: float = WARMUP) -> float:
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def batch_at(by_type: dict[str, list], step: int, batch_size: int, seed: int) -> list:
-    """Batch `step`: `batch_size` questions, each of a uniformly drawn type, from (seed, step) alone."""
+WORKING_TORF_WEIGHT = 3.0
+"""With `--sft-data working` (the demo's), torf1 and torf2 are drawn this many times as often as each other type:
+their yes/no token is the step the demo's model learns last (a batch of 16 has ~170 answer tokens and ~5 of
+them), and with equal draws one seed of two never learned it (docs/demo.md, rows 42-44)."""
+
+
+def batch_at(by_type: dict[str, list], step: int, batch_size: int, seed: int,
+             weights: dict[str, float] | None = None) -> list:
+    """Batch `step`: `batch_size` questions, each of a type drawn uniformly (or in proportion to `weights`, a
+    weight per type), from (seed, step) alone."""
     rng = random.Random(f"{seed}:sft:{step}")
     types = sorted(by_type)
+    if weights:
+        return [rng.choice(by_type[rng.choices(types, [weights.get(t, 1.0) for t in types])[0]])
+                for _ in range(batch_size)]
     return [rng.choice(by_type[rng.choice(types)]) for _ in range(batch_size)]
 
 
@@ -112,7 +123,8 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
     its gradients accumulated and divided by the whole batch's token count. `make_optimizer(model)` builds the
     optimizer over the model's trainable parameters (default: torch AdamW at `lr`, no weight decay). `drill`: that
     many steps of the reading drill first (`drill_pairs`; their losses come first in the list, each part on its own
-    warmup and cosine). With `folder`, a state saved there is resumed (its `config` must equal this run's) and the
+    warmup and cosine). `data` "working" draws torf1 and torf2 `WORKING_TORF_WEIGHT` times as often as each other
+    type (`batch_at`). With `folder`, a state saved there is resumed (its `config` must equal this run's) and the
     state is saved every `save_every` steps and at the end."""
     if data not in DATA:
         raise ValueError(f"--sft-data must be one of {', '.join(DATA)}, got {data!r}")
@@ -125,6 +137,7 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
     maps = list({s.city: s.metro for s in samples if s.metro}.values())
     if drill and not maps:
         raise ValueError("--sft-drill reads maps as text: the training data has no metro to read")
+    weights = {"torf1": WORKING_TORF_WEIGHT, "torf2": WORKING_TORF_WEIGHT} if data == "working" else None
     trainable = {name: p.requires_grad for name, p in policy.model.named_parameters()}
     if lora_rank:
         lora.add_lora(policy.model, lora_rank, 2.0 * lora_rank, lora_targets, seed=seed)
@@ -144,7 +157,7 @@ def sft(policy: Policy, samples, steps: int, lr: float, batch_size: int = 16, se
             (summed / count).backward()
             total = summed.item()
         else:
-            batch = batch_at(by_type, step - drill, batch_size, seed)
+            batch = batch_at(by_type, step - drill, batch_size, seed, weights)
             targets = targets_of(policy, batch, data)
             count, total, micro = sum(map(len, targets)), 0.0, micro_batch_size or len(batch)
             for k in range(0, len(batch), micro):
