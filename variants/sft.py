@@ -94,8 +94,8 @@ def batch_at(by_type: dict[str, list], step: int, batch_size: int, seed: int,
     rng = random.Random(f"{seed}:sft:{step}")
     types = sorted(by_type)
     if weights:
-        return [rng.choice(by_type[rng.choices(types, [weights.get(t, 1.0) for t in types])[0]])
-                for _ in range(batch_size)]
+        per_type = [weights.get(t, 1.0) for t in types]
+        return [rng.choice(by_type[rng.choices(types, per_type)[0]]) for _ in range(batch_size)]
     return [rng.choice(by_type[rng.choice(types)]) for _ in range(batch_size)]
 
 
